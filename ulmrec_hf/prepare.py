@@ -1,0 +1,403 @@
+"""Data stage: Amazon review files (2014, 2018, 2023 or LlamaRec `dataset.json`) -> `runs/<name>/data/`.
+
+Pipeline (paper §5.1): drop items without a usable title, iterative k-core on users and items,
+chronological sequences, leave-one-out split. Ids are assigned from sorted original ids, so the
+same input always gives the same ids and byte-identical datasets.
+"""
+
+import ast
+import gzip
+import hashlib
+import html
+import json
+import logging
+import re
+import time
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .common import RunArguments, UlmrecError, mark_complete, should_skip, stage_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("auto", "amazon2014", "amazon2018", "amazon2023", "llamarec")
+SIGNALS = ("ratings", "timestamps", "reviews", "summaries")
+# Field names of the raw review and meta records, per format.
+FIELDS = {
+    "amazon2014": dict(user="reviewerID", item="asin", rating="overall", text="reviewText", summary="summary", time="unixReviewTime"),
+    "amazon2023": dict(user="user_id", item="parent_asin", rating="rating", text="text", summary="title", time="timestamp"),
+}
+FIELDS["amazon2018"] = FIELDS["amazon2014"]
+META_ITEM = {"amazon2014": "asin", "amazon2018": "asin", "amazon2023": "parent_asin"}
+
+
+@dataclass
+class PrepareArguments:
+    input: str = field(default=None, metadata={"help": "A review file, a LlamaRec dataset.json, or a folder holding them."})
+    input_format: str = field(default="auto", metadata={"help": "Format of the input.", "choices": list(FORMATS)})
+    meta_file: str | None = field(default=None, metadata={"help": "Item metadata file (found next to the reviews if unset)."})
+    titles: str = field(default="required", metadata={"help": "'required' drops items without a title; 'optional' keeps them (review-only work).", "choices": ["required", "optional"]})
+    min_interactions: int = field(default=5, metadata={"help": "k of the iterative k-core filter on users and items."})
+    dataset_name: str | None = field(default=None, metadata={"help": "Name used in the dataset card (default: from the file name)."})
+
+
+class SkipLog:
+    """Counts skipped rows by reason and keeps a few `file:line` examples of each."""
+
+    def __init__(self, examples: int = 5):
+        self.counts = Counter()
+        self.examples = defaultdict(list)
+        self.max_examples = examples
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        if len(self.examples[reason]) < self.max_examples:
+            self.examples[reason].append(where)
+        if self.counts[reason] <= 3:
+            logger.warning("skipped row (%s) at %s", reason, where)
+
+    def as_dict(self) -> dict:
+        return {"counts": dict(sorted(self.counts.items())), "examples": dict(sorted(self.examples.items()))}
+
+
+def clean_title(title) -> str | None:
+    """Unescape HTML entities and normalise whitespace; None when nothing usable is left."""
+    if not isinstance(title, str):
+        return None
+    title = re.sub(r"\s+", " ", html.unescape(title)).strip()
+    return title or None
+
+
+def open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
+
+
+def iter_lines(path: Path):
+    """Yield (line_number, text) of non-empty lines; a truncated or corrupt gzip is a clear error."""
+    n = 0
+    try:
+        with open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    yield n, line
+    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
+        raise UlmrecError(f"{path}: corrupt or truncated file after line {n} ({e})") from None
+    except UnicodeDecodeError as e:
+        raise UlmrecError(f"{path}:{n + 1}: not UTF-8 text ({e})") from None
+
+
+def parse_record(line: str, skips: SkipLog, where: str, counter: Counter) -> dict | None:
+    """JSON first; the 2014 meta files hold Python literals, which `ast.literal_eval` reads safely."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        try:
+            record = ast.literal_eval(line.strip())
+            counter["python_literal_lines"] += 1
+        except (ValueError, SyntaxError, MemoryError, RecursionError):
+            skips.add("malformed_line", where)
+            return None
+    if not isinstance(record, dict):
+        skips.add("not_an_object", where)
+        return None
+    return record
+
+
+def read_reviews(path: Path, fmt: str, skips: SkipLog, notes: Counter) -> list[dict]:
+    f = FIELDS[fmt]
+    rows = []
+    for n, line in iter_lines(path):
+        where = f"{path}:{n}"
+        rec = parse_record(line, skips, where, notes)
+        if rec is None:
+            continue
+        missing = [f[k] for k in ("user", "item") if not rec.get(f[k])]
+        if missing:
+            skips.add(f"missing_field:{missing[0]}", where)
+            continue
+        rating = rec.get(f["rating"])
+        ts = rec.get(f["time"])
+        if ts is not None:
+            try:
+                ts = int(ts) // 1000 if fmt == "amazon2023" else int(ts)  # 2023 times are milliseconds
+            except (TypeError, ValueError):
+                skips.add(f"bad_field:{f['time']}", where)
+                continue
+        if rating is not None:
+            try:
+                rating = float(rating)
+            except (TypeError, ValueError):
+                skips.add(f"bad_field:{f['rating']}", where)
+                continue
+        text = rec.get(f["text"])
+        if not isinstance(text, str) or not text.strip():
+            notes["empty_review_text"] += 1
+            text = ""
+        rows.append(dict(user=str(rec[f["user"]]), item=str(rec[f["item"]]), rating=rating, timestamp=ts,
+                         review=text, summary=rec.get(f["summary"]) or "", order=len(rows)))
+    if not rows:
+        raise UlmrecError(f"{path}: no usable review rows ({sum(skips.counts.values())} skipped: {dict(skips.counts)})")
+    return rows
+
+
+def read_titles(path: Path, fmt: str, wanted: set[str], skips: SkipLog, notes: Counter) -> dict[str, str | None]:
+    key = META_ITEM[fmt]
+    titles = {}
+    for n, line in iter_lines(path):
+        rec = parse_record(line, skips, f"{path}:{n}", notes)
+        if rec is None:
+            continue
+        if not rec.get(key):
+            skips.add(f"meta_missing_field:{key}", f"{path}:{n}")
+            continue
+        if rec[key] in wanted and rec[key] not in titles:
+            titles[rec[key]] = clean_title(rec.get("title"))
+    return titles
+
+
+def k_core(rows: list[dict], k: int) -> tuple[list[dict], int]:
+    """Iteratively drop users and items with fewer than k interactions until nothing changes."""
+    rounds = 0
+    while True:
+        users = Counter(r["user"] for r in rows)
+        items = Counter(r["item"] for r in rows)
+        kept = [r for r in rows if users[r["user"]] >= k and items[r["item"]] >= k]
+        rounds += 1
+        if len(kept) == len(rows):
+            return kept, rounds
+        rows = kept
+
+
+def detect(path: Path, fmt: str, meta_file: str | None) -> tuple[str, Path, Path | None]:
+    """Resolve (format, reviews file, meta file) from a file or a folder."""
+    if not path.exists():
+        raise UlmrecError(f"{path}: no such file or folder")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        if (path / "dataset.json").exists() and fmt in ("auto", "llamarec"):
+            return "llamarec", path / "dataset.json", None
+        reviews = [p for p in files if not p.name.startswith("meta_") and re.search(r"(\.json\.gz|_5\.json|\.jsonl(\.gz)?)$", p.name)]
+        if len(reviews) != 1:
+            raise UlmrecError(f"{path}: expected one review file (*.json.gz / *.jsonl), found {[p.name for p in reviews]}")
+        path = reviews[0]
+    if fmt == "auto":
+        if path.name == "dataset.json":
+            fmt = "llamarec"
+        elif path.name.startswith("reviews_"):
+            fmt = "amazon2014"
+        elif ".jsonl" in path.name:
+            fmt = "amazon2023"
+        else:
+            fmt = "amazon2018"
+    if fmt == "llamarec":
+        return fmt, path, None
+    if meta_file:
+        meta = Path(meta_file)
+        if not meta.exists():
+            raise UlmrecError(f"{meta}: no such meta file")
+        return fmt, path, meta
+    category = re.sub(r"^reviews_|(_5)?\.jsonl?(\.gz)?$", "", path.name)
+    candidates = sorted(path.parent.glob(f"meta_{category}.json*"))
+    return fmt, path, candidates[0] if candidates else None
+
+
+def file_digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        if p is not None:
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def from_raw(fmt: str, reviews: Path, meta: Path | None, args: PrepareArguments, skips: SkipLog, notes: Counter):
+    rows = read_reviews(reviews, fmt, skips, notes)
+    wanted = {r["item"] for r in rows}
+    if meta is None:
+        if args.titles == "required":
+            raise UlmrecError(f"{reviews}: no meta_*.json(l)(.gz) file next to it, and titles are required "
+                              "(pass --meta_file, or --titles optional for review-only work)")
+        titles = {}
+    else:
+        titles = read_titles(meta, fmt, wanted, skips, notes)
+    if args.titles == "required":
+        before = len(rows)
+        rows = [r for r in rows if titles.get(r["item"])]
+        notes["interactions_without_title"] = before - len(rows)
+    rows = dedupe(rows, notes)
+    rows, rounds = k_core(rows, args.min_interactions)
+    notes["k_core_rounds"] = rounds
+    if not rows:
+        raise UlmrecError(f"{reviews}: no interactions left after dropping untitled items and {args.min_interactions}-core filtering")
+    signals = {
+        "ratings": any(r["rating"] is not None for r in rows),
+        "timestamps": any(r["timestamp"] is not None for r in rows),
+        "reviews": any(r["review"] for r in rows),
+        "summaries": any(r["summary"] for r in rows),
+    }
+    item_names = sorted({r["item"] for r in rows})
+    item_id = {a: i for i, a in enumerate(item_names, 1)}
+    by_user = defaultdict(list)
+    for r in rows:
+        by_user[r["user"]].append(r)
+    users = []
+    for uid, name in enumerate(sorted(by_user), 1):
+        seq = sorted(by_user[name], key=lambda r: (r["timestamp"] or 0, r["item"]))
+        users.append(user_row(uid, name, seq, item_id, signals))
+    items = {"item_id": list(item_id.values()), "asin": item_names, "title": [titles.get(a) for a in item_names]}
+    return users, items, signals
+
+
+def dedupe(rows: list[dict], notes: Counter) -> list[dict]:
+    """Keep a user's earliest review of an item; later repeats are counted, not kept."""
+    seen, kept = set(), []
+    for r in sorted(rows, key=lambda r: (r["timestamp"] or 0, r["order"])):
+        key = (r["user"], r["item"])
+        if key in seen:
+            notes["duplicate_interactions"] += 1
+            continue
+        seen.add(key)
+        kept.append(r)
+    return sorted(kept, key=lambda r: r["order"])
+
+
+def user_row(uid: int, name: str, seq: list[dict], item_id: dict, signals: dict) -> dict:
+    row = {"user_id": uid, "user": name, "items": [item_id[r["item"]] for r in seq]}
+    for signal, key, default in (("ratings", "rating", 0.0), ("timestamps", "timestamp", 0),
+                                 ("reviews", "review", ""), ("summaries", "summary", "")):
+        if signals[signal]:
+            row[signal] = [r[key] if r[key] is not None else default for r in seq]
+    return row
+
+
+def from_llamarec(path: Path, notes: Counter):
+    """LlamaRec's `dataset.json`: keep its user and item numbers so val/test match the file exactly."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UlmrecError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    missing = [k for k in ("train", "val", "test", "meta", "umap", "smap") if k not in data]
+    if missing:
+        raise UlmrecError(f"{path}: not a LlamaRec dataset.json, missing keys {missing}")
+    user_name = {int(v): k for k, v in data["umap"].items()}
+    asin = {int(v): k for k, v in data["smap"].items()}
+    users = []
+    for uid in sorted(int(u) for u in data["train"]):
+        key = str(uid)
+        if key not in data["val"] or key not in data["test"]:
+            raise UlmrecError(f"{path}: user {uid} has a train sequence but no val/test item")
+        seq = list(data["train"][key]) + list(data["val"][key]) + list(data["test"][key])
+        users.append({"user_id": uid, "user": user_name.get(uid, str(uid)), "items": seq})
+    ids = sorted(asin)
+    titles = [clean_title(data["meta"].get(str(i))) for i in ids]
+    notes["items_without_title"] = sum(t is None for t in titles)
+    items = {"item_id": ids, "asin": [asin[i] for i in ids], "title": titles}
+    return users, items, dict.fromkeys(SIGNALS, False)
+
+
+def leave_one_out(items: list[int]) -> tuple[list[int], int, int]:
+    """(train prefix, validation target, test target) of one chronological sequence."""
+    return items[:-2], items[-2], items[-1]
+
+
+def table_stats(users: list[dict], n_items: int) -> dict:
+    n_users = len(users)
+    n_inter = sum(len(u["items"]) for u in users)
+    return {
+        "users": n_users,
+        "items": n_items,
+        "interactions": n_inter,
+        "avg_length": round(n_inter / n_users, 4),
+        "sparsity": round(1 - n_inter / (n_users * n_items), 6),
+    }
+
+
+def build_datasets(users: list[dict], items: dict, fingerprint: str):
+    import datasets
+    import pyarrow as pa
+
+    user_table = pa.Table.from_pylist(users)
+    item_table = pa.Table.from_pydict(items, schema=pa.schema([("item_id", pa.int64()), ("asin", pa.string()), ("title", pa.string())]))
+    return datasets.DatasetDict({
+        "users": datasets.Dataset(user_table, fingerprint=f"{fingerprint}-users"),
+        "items": datasets.Dataset(item_table, fingerprint=f"{fingerprint}-items"),
+    })
+
+
+def main(run_args: RunArguments, args: PrepareArguments) -> Path:
+    out = stage_dir(run_args, "data")
+    if should_skip(run_args, out, "prepare"):
+        return out
+    if not args.input:
+        raise UlmrecError("prepare: --input is required (a review file, dataset.json, or a folder)")
+    start = time.time()
+    fmt, reviews, meta = detect(Path(args.input), args.input_format, args.meta_file)
+    logger.info("prepare: reading %s (%s)%s", reviews, fmt, f" with titles from {meta}" if meta else "")
+    skips, notes = SkipLog(), Counter()
+    if fmt == "llamarec":
+        users, items, signals = from_llamarec(reviews, notes)
+    else:
+        users, items, signals = from_raw(fmt, reviews, meta, args, skips, notes)
+    config = {k: v for k, v in asdict(args).items() if k != "input"}
+    fingerprint = hashlib.sha256((file_digest(reviews, meta) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:16]
+    dataset = build_datasets(users, items, fingerprint)
+    dataset.save_to_disk(str(out))
+    stats = table_stats(users, len(items["item_id"]))
+    stats.update({
+        "source": {"format": fmt, "reviews": str(reviews), "meta": str(meta) if meta else None},
+        "signals": signals,
+        "titles": args.titles,
+        "min_interactions": None if fmt == "llamarec" else args.min_interactions,
+        "split": "leave-one-out: last item = test, second to last = validation",
+        "skipped": skips.as_dict(),
+        "notes": dict(sorted(notes.items())),
+        "fingerprint": fingerprint,
+        "wall_time_s": round(time.time() - start, 2),
+    })
+    write_json(out / "stats.json", stats)
+    (out / "README.md").write_text(dataset_card(args.dataset_name or reviews.parent.name, stats))
+    mark_complete(out, {"fingerprint": fingerprint})
+    logger.info("prepare: %d users, %d items, %d interactions -> %s (%d rows skipped)",
+                stats["users"], stats["items"], stats["interactions"], out, sum(skips.counts.values()))
+    return out
+
+
+def dataset_card(name: str, stats: dict) -> str:
+    lacks = [s for s, present in stats["signals"].items() if not present]
+    skipped = stats["skipped"]["counts"] or {"none": 0}
+    filtering = ("as provided by the preprocessed file" if stats["min_interactions"] is None
+                 else f"items without a title dropped ({stats['titles']}); iterative {stats['min_interactions']}-core on users and items")
+    return f"""---
+license: other
+task_categories:
+- text-generation
+tags:
+- recommendation
+- sequential-recommendation
+- ulmrec
+---
+# {name} (prepared by ulmrec-hf)
+
+Source: `{stats['source']['reviews']}` ({stats['source']['format']}). Amazon review data collected by
+McAuley et al.; use it under the terms of its original release (research use).
+
+## Processing
+- Filtering: {filtering}.
+- Sequences: each user's interactions in chronological order (ties broken by item id).
+- Split: {stats['split']}.
+- Ids: users and items are numbered from 1 in sorted order of their original ids (LlamaRec imports keep the file's numbers).
+
+## Statistics
+| users | items | interactions | avg. length | sparsity |
+|---|---|---|---|---|
+| {stats['users']} | {stats['items']} | {stats['interactions']} | {stats['avg_length']} | {stats['sparsity']} |
+
+Skipped rows: {', '.join(f'{k}: {v}' for k, v in skipped.items())}.
+
+## Fields
+- `users`: `user_id`, `user` (original id), `items` (chronological item ids){''.join(f', `{s}`' for s, p in stats['signals'].items() if p)}.
+- `items`: `item_id`, `asin`, `title`.
+
+Signals absent from this source: {', '.join(lacks) if lacks else 'none'}.
+"""
