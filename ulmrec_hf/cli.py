@@ -15,6 +15,9 @@ from .common import RunArguments, UlmrecError
 STAGES = {
     "demo-data": ("demo_data", ("DemoDataArguments",), "Write the synthetic demo catalogue (Amazon 2018 format)."),
     "prepare": ("prepare", ("PrepareArguments",), "Raw Amazon reviews -> run_dir/data (HF DatasetDict)."),
+    "retrieve": ("retrieve", ("RetrieveArguments",), "Train LRURec/SASRec -> run_dir/retriever (top-k candidates)."),
+    "preferences": ("preferences", ("PreferenceArguments",), "One preference sentence per user (OpenAI-compatible, local, import, offline)."),
+    "index": ("index", ("IndexArguments",), "Review encoder + ID attention + RQ-VAE -> unique user index tokens."),
 }
 
 
@@ -84,6 +87,8 @@ def run_recipe(argv: list[str]):
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("accelerate", "httpx", "datasets"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     commands = [*STAGES, "run"]
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: ulmrec {" + ",".join(commands) + "} [--config RECIPE.yaml] [--key value ...]\n")

@@ -1,0 +1,62 @@
+"""LRURec and SASRec on the real Beauty split (the paper's LRURec row), one after the other.
+
+Usage: python bench/retriever.py [--only lrurec|sasrec] [extra `ulmrec retrieve` flags]
+Resumable: each retriever trains in bench/runs/beauty-<name>/ and a cut-off run continues there.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BEAUTY = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec" / "dataset.json"
+PAPER_LRUREC_TEST = {"ndcg@10": 0.0533, "recall@10": 0.0916}
+# Paper settings, except patience: 20 validations x 500 steps would add ~28 idle epochs on 2 CPU cores.
+SETTINGS = ["--eval_every_steps", "500", "--patience", "6", "--retriever_max_epochs", "80", "--retriever_dropout", "0.5",
+            "--retriever_attn_dropout", "0.5", "--retriever_lr", "1e-3", "--retriever_weight_decay", "0.01", "--max_len", "50"]
+
+
+def run(kind: str, extra: list[str]) -> dict:
+    run_dir = ROOT / "bench" / "runs" / f"beauty-{kind}"
+    ulmrec = [sys.executable, "-m", "ulmrec_hf.cli"]
+    subprocess.run([*ulmrec, "prepare", "--run", str(run_dir), "--input", str(BEAUTY)], check=True)
+    start = time.time()
+    subprocess.run([*ulmrec, "retrieve", "--run", str(run_dir), "--retriever", kind, *SETTINGS, *extra], check=True)
+    metrics = json.loads((run_dir / "retriever" / "metrics.json").read_text())
+    return {"retriever": kind, "wall_time_this_call_s": round(time.time() - start, 1), **metrics}
+
+
+def main() -> int:
+    if not BEAUTY.exists():
+        print(f"skip: {BEAUTY} is absent")
+        return 0
+    args = sys.argv[1:]
+    kinds = ["lrurec", "sasrec"]
+    if args[:1] == ["--only"]:
+        kinds, args = [args[1]], args[2:]
+    results = [run(kind, args) for kind in kinds]
+    out = ROOT / "bench" / "results" / "retriever_beauty.json"
+    previous = {r["retriever"]: r for r in json.loads(out.read_text())["results"]} if out.exists() else {}
+    previous.update({r["retriever"]: r for r in results})
+    rows = list(previous.values())
+    lru = previous.get("lrurec")
+    summary = {
+        "data": str(BEAUTY.relative_to(ROOT.parent)), "rule": "test scoring masks the user's history (LlamaRec)",
+        "paper_lrurec_test": PAPER_LRUREC_TEST, "settings": SETTINGS,
+        "lrurec_meets_paper": bool(lru and all(lru["metrics"]["test"][k] >= v for k, v in PAPER_LRUREC_TEST.items())),
+        "results": rows,
+    }
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print("| retriever | test N@10 | test R@10 | test R@20 | test MRR@10 | val R@20 | epochs | train min |\n|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        t, v = r["metrics"]["test"], r["metrics"]["validation"]
+        print(f"| {r['retriever']} | {t['ndcg@10']:.4f} | {t['recall@10']:.4f} | {t['recall@20']:.4f} | {t['mrr@10']:.4f} | "
+              f"{v['recall@20']:.4f} | {r['epochs']} | {r['train_time_s'] / 60:.1f} |")
+    print(f"paper LRURec: N@10 {PAPER_LRUREC_TEST['ndcg@10']}, R@10 {PAPER_LRUREC_TEST['recall@10']} (history masked)\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

