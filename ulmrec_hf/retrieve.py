@@ -134,7 +134,7 @@ def train(args: RetrieveArguments, run_args: RunArguments, sequences: list[list[
 
     from .models.retrievers import RetrieverConfig, SequentialRetriever
 
-    accelerator = Accelerator()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True makes a CPU `--multi_gpu` launch real gloo DDP
     torch.manual_seed(run_args.seed)
     config = RetrieverConfig(num_items=num_items, kind=args.retriever, hidden=args.retriever_hidden, blocks=args.retriever_blocks,
                              ffn=args.retriever_ffn, dropout=args.retriever_dropout, attn_dropout=args.retriever_attn_dropout,

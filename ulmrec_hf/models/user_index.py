@@ -61,7 +61,7 @@ class RQVAE(nn.Module):
         z = self.encoder(x)
         quantized, codes, losses = self.rq(z)
         recon = self.decoder(quantized)
-        return recon, codes, losses.sum(), z
+        return recon, codes, losses.sum(), z, quantized
 
     @torch.no_grad()
     def level_distances(self, x: torch.Tensor) -> tuple[np.ndarray, list[np.ndarray]]:
