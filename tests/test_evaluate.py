@@ -60,6 +60,21 @@ def test_recommend_matches_evaluate_order(tiny_pipeline):
         assert [item for item, _, _ in result] == expected
 
 
+def test_recommend_serves_users_the_retriever_missed(tiny_pipeline, capsys):
+    from ulmrec_hf.recommend import RecommendArguments
+    from ulmrec_hf.recommend import main as recommend
+
+    test = datasets.load_from_disk(str(tiny_pipeline / "retriever" / "candidates" / "test"))
+    missed = next(r for r in test if r["target_rank"] is None)
+    users = datasets.load_from_disk(str(tiny_pipeline / "data"))["users"]
+    name = users[users["user_id"].index(missed["user_id"])]["user"]
+    (ranked,) = recommend(RecommendArguments(run_dir=str(tiny_pipeline), user=[name], top_k=3))
+    assert sorted(item for item, _, _ in ranked) == sorted(missed["candidates"])
+    assert capsys.readouterr().out.count("score") == 3
+    with pytest.raises(UlmrecError, match="unknown user"):
+        recommend(RecommendArguments(run_dir=str(tiny_pipeline), user=["nobody"]))
+
+
 def test_push_dry_run_folders_reload(tiny_pipeline):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer

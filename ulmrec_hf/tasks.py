@@ -145,8 +145,8 @@ def next_item_rows(split_rows, users, index, builder: PromptBuilder, args, seed,
         u = users[r["user_id"]]
         history = builder.history_lines(r["history"]) if with_history else []
         prompt = builder.prompt("next_item", {"user": index.get(u["user"]), "candidates": builder.candidate_block(cands)}, history)
-        pos = cands.index(r["target"])
-        rows.append({"prompt": prompt, "completion": builder.letters[pos], "task": "next_item", "user_id": r["user_id"],
+        pos = cands.index(r["target"]) if r["target"] in cands else -1  # -1 only when serving a user the retriever missed
+        rows.append({"prompt": prompt, "completion": builder.letters[pos] if pos >= 0 else "", "task": "next_item", "user_id": r["user_id"],
                      "candidates": cands, "target": r["target"], "target_position": pos})
     return rows
 
