@@ -35,3 +35,15 @@ def test_overrides_win_over_the_recipe():
     assert run_stage_value({"run_dir": "a"}, ["--run_dir", "b"], "run_dir", "z") == "b"
     assert run_stage_value({"run_dir": "a"}, ["--run_dir=c"], "run_dir", "z") == "c"
     assert run_stage_value({}, [], "run_dir", "z") == "z"
+
+
+def test_run_recipe_runs_its_stages_and_skips_finished_ones(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"run_dir: {tmp_path / 'run'}\nstages: [demo-data, prepare]\ndemo_output: {tmp_path / 'raw'}\n"
+                      f"input: {tmp_path / 'raw'}\ndemo_users: 60\n")
+    assert main(["run", str(recipe)]) == 0
+    stats = (tmp_path / "run" / "data" / "stats.json").read_text()
+    assert (tmp_path / "run" / "data" / "_COMPLETE").exists() and '"users"' in stats
+    assert main(["run", str(recipe), "--demo_users", "70"]) == 0  # finished stages are skipped
+    assert (tmp_path / "run" / "data" / "stats.json").read_text() == stats
+    assert "artifacts:" in capsys.readouterr().out

@@ -56,7 +56,7 @@ def make_parser(name: str, subparsers=None):
 
 @functools.cache
 def known_keys() -> frozenset[str]:
-    keys = {"config"}
+    keys = {"config", "stages", "env"}
     for name in STAGES:
         for dc in stage_dataclasses(name)[0]:
             keys.update(f.name for f in fields(dc))
@@ -74,7 +74,7 @@ def check_recipe(path: str) -> dict:
         raise UlmrecError(f"{path}: cannot read recipe ({e.strerror})") from None
     if not isinstance(recipe, dict):
         raise UlmrecError(f"{path}: a recipe must be a YAML mapping")
-    unknown = sorted(set(recipe) - known_keys() - {"env", "stages"})
+    unknown = sorted(set(recipe) - known_keys())
     if unknown:
         raise UlmrecError(f"{path}: unknown recipe keys {unknown}")
     return recipe
