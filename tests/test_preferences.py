@@ -118,8 +118,8 @@ def test_import_reports_missing_users(tagged_run, tmp_path):
 
 def test_answer_validation():
     prompt = "Here are a user's product reviews, newest first, each with its star rating:\n- (5 stars) I adore this lavender soap a lot"
-    assert validate_answer('  "Likes lavender soap."  ', prompt, 100) == "Likes lavender soap."
-    for bad in ("", "   ", "x" * 101, "- (5 stars) I adore this lavender soap a lot"):
+    assert validate_answer('  "Likes lavender soap and mild shampoo."  ', prompt, 100) == "Likes lavender soap and mild shampoo."
+    for bad in ("", "   ", "x" * 101, "- (5 stars) I adore this lavender soap a lot", "1.", "Likes (4 stars) soap and more things"):
         with pytest.raises(AnswerError):
             validate_answer(bad, prompt, 100)
 

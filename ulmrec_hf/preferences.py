@@ -56,6 +56,7 @@ class PreferenceArguments:
     max_preference_chars: int = field(default=500, metadata={"help": "Longer answers are rejected (and retried)."})
     preference_max_new_tokens: int = field(default=60, metadata={"help": "Generation length (local)."})
     preference_batch_size: int = field(default=8, metadata={"help": "Users generated at once (local)."})
+    response_prefix: str = field(default="The user prefers", metadata={"help": "Start of the answer given to the local model, which continues it (small models answer in sentences then)."})
     preference_fallback: str = field(default="none", metadata={"help": "For users still without a sentence: 'none' (fail and list them) or 'offline-keywords' (labelled, counted).", "choices": ["none", "offline-keywords"]})
     max_users: int | None = field(default=None, metadata={"help": "Only the first N users (for trials)."})
 
@@ -85,6 +86,10 @@ def validate_answer(text: str | None, prompt: str, max_chars: int) -> str:
     text = re.sub(r"\s+", " ", text or "").strip().strip('"').strip()
     if not text:
         raise AnswerError("empty answer")
+    if len(re.findall(r"[A-Za-z]{2,}", text)) < 4:
+        raise AnswerError("answer too short to state a preference")
+    if re.search(r"\(\d(\.\d)? stars\)", text):
+        raise AnswerError("answer echoes the prompt")
     if len(text) > max_chars:
         raise AnswerError(f"answer longer than {max_chars} characters")
     lines = [ln.strip() for ln in prompt.splitlines() if len(ln.strip()) > 40]
@@ -204,12 +209,12 @@ def run_local(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats: 
     for start in tqdm(range(0, len(jobs), args.preference_batch_size), desc="preferences (local)", unit="batch"):
         batch = jobs[start:start + args.preference_batch_size]
         chats = [[{"role": "system", "content": args.preference_system_prompt}, {"role": "user", "content": j["prompt"]}] for j in batch]
-        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in chats]
+        texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + args.response_prefix for c in chats]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.preference_max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         for job, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
-            raw = tokenizer.decode(ids, skip_special_tokens=True)
+            raw = f"{args.response_prefix}{tokenizer.decode(ids, skip_special_tokens=True)}"
             try:
                 text = validate_answer(first_sentence(raw), job["prompt"], args.max_preference_chars)
                 cache.put({"key": job["key"], "user": job["user"], "preference": text, "usage": {"completion_tokens": int((ids != tokenizer.pad_token_id).sum())}})
