@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec" / "dataset.json"
-N_USERS, BATCH = 48, 8
+N_USERS, BATCH = 32, 8
 
 
 def prompts_and_letters(tokenizer, n: int):

@@ -18,7 +18,7 @@ PAPER_LRUREC_TEST = {"ndcg@10": 0.0533, "recall@10": 0.0916}
 SETTINGS = ["--eval_every_steps", "500", "--retriever_dropout", "0.5", "--retriever_attn_dropout", "0.5", "--retriever_lr", "1e-3",
             "--retriever_weight_decay", "0.01", "--max_len", "50"]
 # SASRec gets a shorter budget so that both fit one session on this machine.
-BUDGET = {"lrurec": ["--patience", "8", "--retriever_max_epochs", "40"], "sasrec": ["--patience", "4", "--retriever_max_epochs", "20"]}
+BUDGET = {"lrurec": ["--patience", "8", "--retriever_max_epochs", "40"], "sasrec": ["--patience", "3", "--retriever_max_epochs", "12"]}
 
 
 def run(kind: str, extra: list[str]) -> dict:

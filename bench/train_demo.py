@@ -10,6 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo" / "smollm2-135m" / "pipeline.yaml"
+LONGER = ["--max_train_samples", "240", "--max_eval_users", "100", "--eval_steps", "30"]  # 60 steps instead of the demo's 24
 
 
 def random_ndcg(k: int, n: int = 20) -> float:
@@ -22,7 +23,7 @@ def main() -> int:
 
     run = ROOT / "bench" / "runs" / "demo"
     start = time.time()
-    run_recipe([str(RECIPE), "--run_dir", str(run), "--demo_output", str(run / "raw"), "--input", str(run / "raw"), *sys.argv[1:]])
+    run_recipe([str(RECIPE), "--run_dir", str(run), "--demo_output", str(run / "raw"), "--input", str(run / "raw"), *LONGER, *sys.argv[1:]])
     train = json.loads((run / "ranker" / "train_metrics.json").read_text())
     test = json.loads((run / "eval" / "metrics.json").read_text())
     untrained, best = train["untrained"], train["best"]
