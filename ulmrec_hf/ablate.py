@@ -53,10 +53,10 @@ def link_shared(base: Path, variant_dir: Path, with_index: bool) -> None:
 
 
 def run_ablation(recipe_path: str, names: list[str], extra: list[str]) -> Path:
-    from .cli import check_recipe, run_recipe, run_stage
+    from .cli import check_recipe, run_recipe, run_stage, run_stage_value
 
     recipe = check_recipe(recipe_path)
-    base = Path(recipe.get("run_dir", "runs/demo"))
+    base = Path(run_stage_value(recipe, extra, "run_dir", "runs/demo"))
     run_recipe([recipe_path, *extra])  # the base run; finished stages are skipped
     root = Path(f"{base}-ablate")
     results = {}
