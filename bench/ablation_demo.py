@@ -19,7 +19,7 @@ def main() -> int:
     root = ablate([str(RECIPE), *(sys.argv[1:] or VARIANTS), "--run_dir", str(run), "--demo_output", str(run / "raw"), "--input", str(run / "raw"), *BUDGET])
     for name in ("ablation.md", "ablation.json", "ablation.png"):
         shutil.copy2(root / name, ROOT / "bench" / "results" / f"demo_{name}")
-    print(f"wrote bench/results/demo_ablation.{{md,json,png}}")
+    print("wrote bench/results/demo_ablation.{md,json,png}")
     return 0
 
 

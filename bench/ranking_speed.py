@@ -52,7 +52,6 @@ def agreement(a, b) -> dict:
 
 
 def profile(model, tokenizer, prompts, letters) -> list[dict]:
-    import torch
     from torch.profiler import profile as torch_profile
 
     from ulmrec_hf.ranker import score_prompts

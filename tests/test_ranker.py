@@ -1,4 +1,3 @@
-import json
 import shutil
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from conftest import INDEX_SMALL, tiny_train_flags
+from conftest import tiny_train_flags
 from ulmrec_hf.common import UlmrecError, read_json
 from ulmrec_hf.ranker import load_ranker, naive_scores, score_prompts
 from ulmrec_hf.tasks import PromptBuilder, TaskArguments, enabled_tasks, letter_ids

@@ -9,7 +9,7 @@ import torch
 
 from ulmrec_hf.common import RunArguments, read_json
 from ulmrec_hf.metrics import load_ranking_metric, metrics_from_ranks, rank_of, user_metrics
-from ulmrec_hf.models.retrievers import LRULayer, RetrieverConfig, SequentialRetriever, parallel_scan, sequential_scan
+from ulmrec_hf.models.retrievers import LRULayer, parallel_scan, sequential_scan
 from ulmrec_hf import retrieve as retrieve_mod
 from ulmrec_hf.retrieve import RetrieveArguments, user_splits
 

@@ -44,6 +44,20 @@ def should_skip(run_args: RunArguments, path: Path, stage: str) -> bool:
     return False
 
 
+def require(path: Path, command: str) -> Path:
+    """A finished stage output, or a clear error naming the command that makes it."""
+    if not is_complete(path):
+        raise UlmrecError(f"{path}: missing or unfinished; run `ulmrec {command}` first")
+    return path
+
+
+def load_prepared(run_args: RunArguments):
+    """The prepared `DatasetDict` of a run (users, items)."""
+    import datasets
+
+    return datasets.load_from_disk(str(require(stage_dir(run_args, "data"), "prepare")))
+
+
 def write_json(path: Path, obj, indent: int = 2) -> None:
     """Write JSON atomically (temp file + rename) so an interrupted write leaves the old file."""
     path = Path(path)

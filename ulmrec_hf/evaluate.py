@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RunArguments, UlmrecError, mark_complete, read_json, should_skip, stage_dir, write_json
+from .common import RunArguments, mark_complete, read_json, require, should_skip, stage_dir, write_json
 
 logger = logging.getLogger(__name__)
 KS = (5, 10)
@@ -41,8 +41,7 @@ def main(run_args: RunArguments, args: EvaluateArguments) -> Path:
     if should_skip(run_args, out, "evaluate"):
         return out
     run = Path(run_args.run_dir)
-    if not (run / "ranker" / "_COMPLETE").exists():
-        raise UlmrecError(f"{run / 'ranker'}: missing; run `ulmrec train` first")
+    require(run / "ranker", "train")
     meta = read_json(run / "tasks" / "eval_meta.json")
     total = meta[args.eval_split]["users"]
     candidates = datasets.load_from_disk(str(run / "retriever" / "candidates" / args.eval_split))

@@ -24,7 +24,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, mark_complete, read_json, should_skip, stage_dir, write_json
+from .common import RunArguments, UlmrecError, load_prepared, mark_complete, read_json, should_skip, stage_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -289,16 +289,12 @@ def main(run_args: RunArguments, args: IndexArguments) -> Path:
         return add_users(run_args, args, out)
     if should_skip(run_args, out, "index"):
         return out
-    import datasets
     import torch
     from safetensors.torch import load_file, save_file
 
-    data_dir = stage_dir(run_args, "data")
-    if not (data_dir / "_COMPLETE").exists():
-        raise UlmrecError(f"{data_dir}: no prepared data; run `ulmrec prepare` first")
+    data = load_prepared(run_args)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    data = datasets.load_from_disk(str(data_dir))
     users = data["users"].to_list()
     stats = {"scheme": args.index_scheme, "users": len(users)}
     if args.index_scheme != "pid":
@@ -309,7 +305,7 @@ def main(run_args: RunArguments, args: IndexArguments) -> Path:
         mark_complete(out)
         return out
     if args.text_source == "reviews" and "reviews" not in data["users"].column_names:
-        raise UlmrecError(f"{data_dir}: this data set has no review text; use --text_source preferences or titles")
+        raise UlmrecError(f"{stage_dir(run_args, 'data')}: this data set has no review text; use --text_source preferences or titles")
     titles = dict(zip(data["items"]["item_id"], data["items"]["title"]))
     prefs = load_preferences(run_args, args) if args.text_source == "preferences" else None
     texts, _ = user_texts(users, args, titles, prefs)

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, mark_complete, should_skip, stage_dir, write_json
+from .common import RunArguments, UlmrecError, load_prepared, mark_complete, should_skip, stage_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -269,16 +269,11 @@ def load_import(path: str) -> dict[str, str]:
 
 
 def main(run_args: RunArguments, args: PreferenceArguments) -> Path:
-    import datasets
-
     out = stage_dir(run_args, "preferences")
     if should_skip(run_args, out, "preferences"):
         return out
-    data_dir = stage_dir(run_args, "data")
-    if not (data_dir / "_COMPLETE").exists():
-        raise UlmrecError(f"{data_dir}: no prepared data; run `ulmrec prepare` first")
+    data = load_prepared(run_args)
     out.mkdir(parents=True, exist_ok=True)
-    data = datasets.load_from_disk(str(data_dir))
     users = data["users"].to_list()[: args.max_users]
     titles = dict(zip(data["items"]["item_id"], data["items"]["title"]))
     start, stats, failures = time.time(), Counter(), {}

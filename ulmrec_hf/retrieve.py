@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, mark_complete, read_json, should_skip, stage_dir, write_json
+from .common import RunArguments, load_prepared, mark_complete, read_json, should_skip, stage_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -235,17 +235,12 @@ def write_candidates(model, torch, sequences, user_ids, args: RetrieveArguments,
 
 
 def main(run_args: RunArguments, args: RetrieveArguments) -> Path:
-    import datasets
-
     out = stage_dir(run_args, "retriever")
     if should_skip(run_args, out, "retrieve"):
         return out
-    data_dir = stage_dir(run_args, "data")
-    if not (data_dir / "_COMPLETE").exists():
-        raise UlmrecError(f"{data_dir}: no prepared data; run `ulmrec prepare` first")
+    data = load_prepared(run_args)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    data = datasets.load_from_disk(str(data_dir))
     sequences, user_ids = data["users"]["items"], data["users"]["user_id"]
     num_items = max(data["items"]["item_id"])
     config, state, accelerator = train(args, run_args, sequences, num_items, out)

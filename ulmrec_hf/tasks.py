@@ -18,7 +18,7 @@ import string
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, mark_complete, should_skip, stage_dir, write_json
+from .common import RunArguments, UlmrecError, mark_complete, require, should_skip, stage_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -204,10 +204,7 @@ def enabled_tasks(args: TaskArguments, has_ratings: bool, has_index: bool, has_p
 def load_inputs(run_args: RunArguments):
     import datasets
 
-    paths = {name: stage_dir(run_args, name) for name in ("data", "retriever", "user_index")}
-    for name, path in paths.items():
-        if not (path / "_COMPLETE").exists():
-            raise UlmrecError(f"{path}: missing; run the `{ {'data': 'prepare', 'retriever': 'retrieve', 'user_index': 'index'}[name]}` stage first")
+    paths = {name: require(stage_dir(run_args, name), command) for name, command in (("data", "prepare"), ("retriever", "retrieve"), ("user_index", "index"))}
     data = datasets.load_from_disk(str(paths["data"]))
     if any(t is None for t in data["items"]["title"]):
         raise UlmrecError(f"{paths['data']}: some items have no title; title-based stages need data prepared with --titles required")

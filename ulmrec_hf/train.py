@@ -10,12 +10,12 @@ QLoRA (NF4, double quantisation, bf16 compute) when CUDA and bitsandbytes are pr
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, SFTConfig
 
-from .common import UlmrecError, mark_complete, read_json, write_json
+from .common import UlmrecError, mark_complete, read_json, require, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -172,8 +172,7 @@ def build_trainer(ranker: RankerArguments, training_args: SFTConfig, model_args:
 
     run = Path(ranker.run_dir)
     out, tasks_dir = run / "ranker", run / "tasks"
-    if not (tasks_dir / "_COMPLETE").exists():
-        raise UlmrecError(f"{tasks_dir}: missing; run `ulmrec tasks` first")
+    require(tasks_dir, "tasks")
     mixture = read_json(tasks_dir / "mixture.json")
     model_args.model_name_or_path = model_args.model_name_or_path or mixture["args"]["model_name_or_path"]
     cpu = not torch.cuda.is_available()
