@@ -13,12 +13,17 @@ LOCAL_USERS = 64
 
 def run(run_dir: Path, flags: list[str]) -> dict:
     from ulmrec_hf.cli import run_stage
+    from ulmrec_hf.common import UlmrecError
 
     start = time.time()
-    run_stage("preferences", ["--run_dir", str(run_dir), *flags])
+    try:
+        run_stage("preferences", ["--run_dir", str(run_dir), *flags])
+    except UlmrecError as e:  # users the model failed for are part of the result, listed in failures.json
+        print(f"preferences: {e}")
     summary = json.loads((run_dir / "preferences" / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "preferences" / "preferences.jsonl").read_text().splitlines()]
-    return {**summary, "wall_s_this_call": round(time.time() - start, 1), "examples": [{"user": r["user"], "preference": r["preference"]} for r in rows[:5]]}
+    failures = json.loads((run_dir / "preferences" / "failures.json").read_text())
+    return {**summary, "failures": failures, "wall_s_this_call": round(time.time() - start, 1), "examples": [{"user": r["user"], "preference": r["preference"]} for r in rows[:5]]}
 
 
 def main() -> int:
