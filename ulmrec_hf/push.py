@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import UlmrecError, read_json
+from .common import UlmrecError, read_json, require
 
 logger = logging.getLogger(__name__)
 MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -24,9 +24,7 @@ class PushArguments:
 
 
 def model_folder(run: Path, dest: Path) -> Path:
-    ranker = run / "ranker"
-    if not (ranker / "_COMPLETE").exists():
-        raise UlmrecError(f"{ranker}: no trained ranker to push; run `ulmrec train` first")
+    ranker = require(run / "ranker", "train")
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         if (ranker / name).exists():
@@ -37,8 +35,7 @@ def model_folder(run: Path, dest: Path) -> Path:
 def dataset_folder(run: Path, dest: Path) -> Path:
     import datasets
 
-    if not (run / "data" / "_COMPLETE").exists():
-        raise UlmrecError(f"{run / 'data'}: no prepared data to push")
+    require(run / "data", "prepare")
     dest.mkdir(parents=True, exist_ok=True)
     data = datasets.load_from_disk(str(run / "data"))
     parts = {"users": data["users"], "items": data["items"]}

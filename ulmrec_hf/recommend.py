@@ -8,7 +8,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import UlmrecError, read_json
+from .common import UlmrecError, read_json, require
 
 logger = logging.getLogger(__name__)
 
@@ -39,20 +39,17 @@ class Recommender:
         from .tasks import PromptBuilder, TaskArguments
 
         self.run = Path(run_dir)
-        if not (self.run / "ranker" / "_COMPLETE").exists():
-            raise UlmrecError(f"{self.run / 'ranker'}: no trained ranker; run `ulmrec train` first")
-        self.model, self.tokenizer, self.config = load_ranker(self.run / "ranker")
+        self.model, self.tokenizer, self.config = load_ranker(require(self.run / "ranker", "train"))
         data = datasets.load_from_disk(str(self.run / "data"))
         self.titles = dict(zip(data["items"]["item_id"], data["items"]["title"]))
         self.users = {u["user_id"]: u for u in data["users"].to_list()}
         self.by_name = {u["user"]: uid for uid, u in self.users.items()}
         index = datasets.load_from_disk(str(self.run / "user_index" / "index"))
         self.index = dict(zip(index["user"], index["index"]))
-        task_args = read_json(self.run / "tasks" / "mixture.json")["args"]
-        self.args = TaskArguments(**task_args)
+        mixture = read_json(self.run / "tasks" / "mixture.json")
+        self.args, self.seed = TaskArguments(**mixture["args"]), mixture["seed"]
         self.builder = PromptBuilder(self.tokenizer, self.titles, self.args)
         self.candidates = {s: datasets.load_from_disk(str(self.run / "retriever" / "candidates" / s)) for s in ("validation", "test")}
-        self.seed = read_json(self.run / "tasks" / "mixture.json")["seed"]
 
     def user_id(self, user: str) -> int:
         if user in self.by_name:
