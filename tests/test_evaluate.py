@@ -7,7 +7,7 @@ import pytest
 from ulmrec_hf.ablate import VARIANTS, stages_for, variant_overrides
 from ulmrec_hf.common import UlmrecError, read_json
 from ulmrec_hf.evaluate import rank_and_overall
-from ulmrec_hf.ranker import load_ranker, ranks_from_scores, score_prompts
+from ulmrec_hf.ranker import load_ranker, naive_scores, ranks_from_scores, score_prompts
 
 
 def test_ranks_from_hand_made_scores():
@@ -44,6 +44,35 @@ def test_evaluate_writes_both_metric_kinds(tiny_pipeline):
         assert m["overall"]["ndcg@10"] == pytest.approx(m["rank"]["ndcg@10"] * summary["users_in_candidates"] / summary["users"])
     table = (tiny_pipeline / "eval" / "table.md").read_text()
     assert "| ulmrec |" in table and "| retriever |" in table and "overall ndcg@10" in table
+
+
+def test_zero_shot_evaluation_scores_the_base_model(tmp_path, tiny_pipeline, tiny_llm):
+    """No adapter: LlamaRec-style prompts (no user field) scored by the base LLM's letter logits, on the trained run's users."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from ulmrec_hf.cli import run_stage
+    from ulmrec_hf.llm import load_tokenizer
+
+    for name in ("data", "retriever", "preferences"):
+        shutil.copytree(tiny_pipeline / name, tmp_path / name)
+    r = ["--run_dir", str(tmp_path)]
+    run_stage("index", r + ["--index_scheme", "none"])
+    run_stage("tasks", r + ["--model_name_or_path", tiny_llm, "--max_length", "768", "--history_len", "5", "--max_eval_users", "60"])
+    run_stage("evaluate", r + ["--zero_shot", "true"])
+    summary, trained = read_json(tmp_path / "eval" / "metrics.json"), read_json(tiny_pipeline / "eval" / "metrics.json")
+    assert summary["ranker"].startswith("zero-shot") and not (tmp_path / "ranker").exists()
+    assert set(summary["metrics"]) == {"ulmrec", "retriever"}  # no uid-only prompts without a user field
+    assert summary["metrics"]["retriever"] == trained["metrics"]["retriever"]
+    per_user = datasets.load_from_disk(str(tmp_path / "eval" / "per_user"))
+    prompts = datasets.load_from_disk(str(tmp_path / "tasks" / "next_item_test"))
+    assert not any("User:" in p for p in prompts["prompt"]) and not (tmp_path / "tasks" / "next_item_test_uid_only").exists()
+    letters = read_json(tmp_path / "tasks" / "mixture.json")["letter_token_ids"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    user = per_user["user_id"][0]
+    expected = naive_scores(base, load_tokenizer(tiny_llm), [prompts[prompts["user_id"].index(user)]["prompt"]], letters)[0]
+    np.testing.assert_allclose(per_user["scores"][0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_recommend_matches_evaluate_order(tiny_pipeline):

@@ -106,6 +106,27 @@ def test_interleaving_follows_probabilities(tmp_path, tiny_pipeline, tiny_llm):
     assert read_json(tmp_path / "tasks" / "mixture.json")["skipped"]["history_to_index"] == "disabled by the recipe"
 
 
+def test_eval_seed_fixes_test_users_across_training_seeds(tmp_path, tiny_pipeline, tiny_llm):
+    from ulmrec_hf.cli import run_stage
+
+    flags = ["--model_name_or_path", tiny_llm, "--max_length", "768", "--history_len", "3", "--max_eval_users", "40",
+             "--max_validation_users", "20", "--max_train_samples", "30", "--eval_seed", "7"]
+    made = {}
+    for seed in (1, 2):
+        run = tmp_path / f"seed{seed}"
+        for name in ("data", "retriever", "preferences", "user_index"):
+            shutil.copytree(tiny_pipeline / name, run / name)
+        run_stage("tasks", ["--run_dir", str(run), "--seed", str(seed), *flags])
+        made[seed] = {split: datasets.load_from_disk(str(run / "tasks" / split)) for split in ("train", "next_item_test")}
+        meta = read_json(run / "tasks" / "eval_meta.json")
+        assert meta["test"]["users"] == 40 and meta["validation"]["users"] == 20 and meta["eval_seed"] == 7
+    a, b = made[1]["next_item_test"], made[2]["next_item_test"]
+    assert a["user_id"] == b["user_id"] and a["prompt"] == b["prompt"]  # same users, same candidate order
+    assert len(made[1]["train"]) <= 30
+    users = [set(made[s]["train"]["user_id"]) for s in (1, 2)]
+    assert len(users[0]) <= 30 and users[0] != users[1]  # a seeded sample of training users per training seed
+
+
 def test_save_reload_gives_identical_scores(tiny_pipeline):
     check = read_json(tiny_pipeline / "ranker" / "train_metrics.json")["reload_check"]
     model, tokenizer, config = load_ranker(tiny_pipeline / "ranker")
@@ -119,6 +140,10 @@ def test_fast_scorer_matches_naive_ranking(tiny_pipeline):
     fast = score_prompts(model, tokenizer, prompts, config["letter_token_ids"], batch_size=4)
     slow = naive_scores(model, tokenizer, prompts, config["letter_token_ids"])
     np.testing.assert_allclose(fast, slow, atol=1e-4)
+    without_prefix = score_prompts(model, tokenizer, prompts, config["letter_token_ids"], batch_size=3, reuse_prefix=False)
+    np.testing.assert_allclose(without_prefix, slow, atol=1e-4)
+    single = score_prompts(model, tokenizer, prompts[:1], config["letter_token_ids"])  # the "prefix" is all but the last token
+    np.testing.assert_allclose(single, slow[:1], atol=1e-4)
     assert (np.argsort(-fast, 1) == np.argsort(-slow, 1)).all()
 
 
@@ -160,3 +185,19 @@ def test_two_process_ddp_training(tmp_path, tiny_pipeline, tiny_llm):
     metrics = read_json(tmp_path / "ranker" / "train_metrics.json")
     assert set(metrics["best"]) >= {"eval_ndcg@10", "eval_recall@10", "eval_mrr@10"}
     assert metrics["world_size"] == 2
+
+
+def test_lora_last_layers_limits_the_adapter(tiny_llm):
+    from peft import get_peft_model
+    from trl import ModelConfig
+
+    from ulmrec_hf.llm import load_tokenizer
+    from ulmrec_hf.train import RankerArguments, build_model
+
+    tokenizer = load_tokenizer(tiny_llm)
+    args = ModelConfig(model_name_or_path=tiny_llm, lora_target_modules=["q_proj", "v_proj"])
+    model, peft_config, _, _ = build_model(args, RankerArguments(quantization="none", lora_last_layers=1), tokenizer, [], cpu=True)
+    names = [n for n, p in get_peft_model(model, peft_config).named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)  # the tiny model has 2 layers
+    with pytest.raises(UlmrecError, match="lora_last_layers"):
+        build_model(args, RankerArguments(quantization="none", lora_last_layers=3), tokenizer, [], cpu=True)

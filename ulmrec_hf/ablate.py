@@ -77,7 +77,7 @@ def run_ablation(recipe_path: str, names: list[str], extra: list[str]) -> Path:
 def ablation_table(results: dict) -> str:
     lines = ["| variant | rank N@10 | rank R@10 | overall N@10 | overall R@10 | uid-only rank N@10 |", "|---|---|---|---|---|---|"]
     for name, r in results.items():
-        m, u = r["metrics"]["ulmrec"], r["metrics"]["ulmrec_uid_only"]
+        m, u = r["metrics"]["ulmrec"], r["metrics"].get("ulmrec_uid_only", {"rank": {"ndcg@10": float("nan")}})
         lines.append(f"| {name} | {m['rank']['ndcg@10']:.4f} | {m['rank']['recall@10']:.4f} | {m['overall']['ndcg@10']:.4f} | "
                      f"{m['overall']['recall@10']:.4f} | {u['rank']['ndcg@10']:.4f} |")
     order = {r["candidate_order"] for r in results.values()}

@@ -1,8 +1,8 @@
 """The letter verbalizer: scores of the candidate letters at the answer position (paper §4.3).
 
-`score_prompts` is the serving path: users batched with left padding (sorted by length), one forward
-through the decoder only, the last position only, and a projection onto just the letter rows of the
-LM head. `naive_scores` is LlamaRec's way (batch 1, full-vocabulary logits everywhere) for comparison.
+`score_prompts` is the serving path: users batched with left padding (sorted by length), the token prefix
+all prompts share (the instruction header) encoded once and reused as a KV cache, one forward through the
+decoder only, the last position only, and a projection onto just the letter rows of the LM head. `naive_scores` is LlamaRec's way (batch 1, full-vocabulary logits everywhere) for comparison.
 """
 
 import logging
@@ -29,15 +29,35 @@ def letter_rows(model, letter_ids: list[int]):
     return weight[letter_ids]
 
 
-def last_hidden(model, input_ids, attention_mask):
-    """Final-norm hidden state at the last position of each left-padded row."""
+def last_hidden(model, input_ids, attention_mask, prefix=None):
+    """Final-norm hidden state at the last position of each left-padded row.
+
+    `prefix` = (cache, length): the key/values of a token prefix shared by every row, computed once."""
+    import copy
+
+    import torch
+
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     decoder = base_model(model).get_decoder()
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
+    kwargs = {"use_cache": False}
+    if prefix is not None:
+        cache, length = copy.deepcopy(prefix[0]), prefix[1]
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        attention_mask = torch.cat([attention_mask.new_ones(input_ids.shape[0], length), attention_mask], 1)
+        kwargs = {"use_cache": True, cache_argument(decoder): cache}
+        positions = positions + length
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, **kwargs)
     return out.last_hidden_state[:, -1]
 
 
-def score_batch(model, input_ids, attention_mask, letter_ids: list[int]):
+def cache_argument(decoder) -> str:
+    """transformers >= 5.2x calls the KV cache `cache`; earlier 5.x releases `past_key_values`."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def score_batch(model, input_ids, attention_mask, letter_ids: list[int], prefix=None):
     import torch
 
     rows = letter_rows(model, letter_ids)
@@ -45,32 +65,52 @@ def score_batch(model, input_ids, attention_mask, letter_ids: list[int]):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
         return logits[:, letter_ids].float()
-    hidden = last_hidden(model, input_ids, attention_mask)
+    hidden = last_hidden(model, input_ids, attention_mask, prefix)
     return torch.nn.functional.linear(hidden.to(rows.dtype), rows).float()
 
 
-def score_prompts(model, tokenizer, prompts: list[str], letter_ids: list[int], batch_size: int = 8, progress: str | None = None) -> np.ndarray:
-    """(n_prompts, n_letters) verbalizer scores, batched by length with left padding."""
+def shared_prefix(model, token_lists: list[list[int]], min_tokens: int = 8):
+    """(cache, length) of the longest token prefix all prompts share (the instruction header), or None when short."""
+    import torch
+
+    first, length = token_lists[0], min(len(t) for t in token_lists) - 1
+    for ids in token_lists[1:]:
+        length = next((i for i in range(length) if ids[i] != first[i]), length)
+    if length < min_tokens or letter_rows(model, [0]) is None:
+        return None
+    device = next(model.parameters()).device
+    out = base_model(model).get_decoder()(input_ids=torch.tensor([first[:length]], device=device), use_cache=True)
+    return (out.cache if hasattr(out, "cache") else out.past_key_values), length
+
+
+def score_prompts(model, tokenizer, prompts: list[str], letter_ids: list[int], batch_size: int = 8, progress: str | None = None,
+                  reuse_prefix: bool = True) -> np.ndarray:
+    """(n_prompts, n_letters) verbalizer scores, batched by length with left padding; the shared prefix is encoded once."""
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
-    prompts = list(prompts)
-    lengths = [len(ids) for ids in tokenizer(prompts).input_ids]
-    order = np.argsort(lengths, kind="stable")[::-1]
-    out = np.zeros((len(prompts), len(letter_ids)), dtype=np.float32)
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    token_lists = tokenizer(list(prompts)).input_ids
+    order = np.argsort([len(t) for t in token_lists], kind="stable")[::-1]
+    out = np.zeros((len(token_lists), len(letter_ids)), dtype=np.float32)
     model.eval()
-    try:
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(prompts), batch_size), desc=progress, disable=progress is None, leave=False):
-                idx = order[start:start + batch_size]
-                enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True).to(device)
-                out[idx] = score_batch(model, enc["input_ids"], enc["attention_mask"], letter_ids).cpu().numpy()
-    finally:
-        tokenizer.padding_side = side
+    with torch.inference_mode():
+        prefix = shared_prefix(model, token_lists) if reuse_prefix and token_lists else None
+        skip = prefix[1] if prefix else 0
+        for start in tqdm(range(0, len(token_lists), batch_size), desc=progress, disable=progress is None, leave=False):
+            idx = order[start:start + batch_size]
+            ids, mask = left_pad([token_lists[i][skip:] for i in idx], tokenizer.pad_token_id, device)
+            out[idx] = score_batch(model, ids, mask, letter_ids, prefix).cpu().numpy()
     return out
+
+
+def left_pad(rows: list[list[int]], pad_id: int, device):
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+    return ids, mask
 
 
 def naive_scores(model, tokenizer, prompts: list[str], letter_ids: list[int]) -> np.ndarray:
@@ -118,3 +158,27 @@ def load_ranker(ranker_dir: Path, device: str | None = None):
     base.resize_token_embeddings(len(tokenizer))
     model = PeftModel.from_pretrained(base, ranker_dir).to(device).eval()
     return model, tokenizer, config
+
+
+def load_zero_shot(run_dir: Path, dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer, config) of the tasks stage's base LLM without any adapter: the zero-shot verbalizer.
+
+    Index tokens, if the prompts have them, are added with freshly initialised (untrained) rows."""
+    import torch
+
+    from .llm import load_causal_lm, load_tokenizer
+    from .train import add_index_tokens
+
+    mixture = read_json(Path(run_dir) / "tasks" / "mixture.json")
+    name = mixture["args"]["model_name_or_path"]
+    tokenizer = load_tokenizer(name)
+    tokens = read_json(Path(run_dir) / "user_index" / "tokens.json")
+    if tokens:
+        add_index_tokens(tokenizer, tokens)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(name, dtype=dtype, device=device, attn_implementation="sdpa")
+    model.resize_token_embeddings(len(tokenizer))
+    config = {"base_model": name, "dtype": dtype, "letter_token_ids": mixture["letter_token_ids"], "candidate_order": mixture["candidate_order"],
+              "ranker": "zero-shot (no adapter)"}
+    return model.eval(), tokenizer, config
+

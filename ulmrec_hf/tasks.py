@@ -55,8 +55,10 @@ class TaskArguments:
     p_history_to_index: float = field(default=0.1, metadata={"help": "Mixture probability."})
     p_rating: float = field(default=0.1, metadata={"help": "Mixture probability."})
     p_intent: float = field(default=0.1, metadata={"help": "Mixture probability."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on the mixed training set."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on the mixed training set; rows are built for a seeded sample of this many training users."})
     max_eval_users: int | None = field(default=None, metadata={"help": "Evaluate a seeded sample of this many users (of all users, so overall metrics stay per user)."})
+    max_validation_users: int | None = field(default=None, metadata={"help": "Sample size for the validation split (default: max_eval_users)."})
+    eval_seed: int | None = field(default=None, metadata={"help": "Seed of the evaluation samples and candidate order (default: --seed); fix it to compare training seeds on the same users."})
     instruction_next_item: str = field(default=INSTRUCTIONS["next_item"], metadata={"help": "Template text."})
     instruction_index_to_preference: str = field(default=INSTRUCTIONS["index_to_preference"], metadata={"help": "Template text."})
     instruction_preference_to_index: str = field(default=INSTRUCTIONS["preference_to_index"], metadata={"help": "Template text."})
@@ -229,7 +231,8 @@ def main(run_args: RunArguments, args: TaskArguments) -> Path:
     tasks, skipped = enabled_tasks(args, has_ratings, any(index.values()), bool(prefs))
     tokenizer = load_tokenizer(args.model_name_or_path)
     builder = PromptBuilder(tokenizer, dict(zip(data["items"]["item_id"], data["items"]["title"])), args)
-    per_task = build_train_tasks(tasks, cands["train"], users, index, prefs, builder, args, run_args.seed, has_ratings)
+    per_task = build_train_tasks(tasks, train_users(cands["train"], args.max_train_samples, run_args.seed), users, index, prefs, builder,
+                                 args, run_args.seed, has_ratings)
     out.mkdir(parents=True, exist_ok=True)
     parts = {t: datasets.Dataset.from_list(rows) for t, rows in per_task.items() if rows}
     for t, ds in parts.items():
@@ -240,7 +243,8 @@ def main(run_args: RunArguments, args: TaskArguments) -> Path:
     if args.max_train_samples:
         mixed = mixed.select(range(min(args.max_train_samples, len(mixed))))
     mixed.save_to_disk(str(out / "train"))
-    eval_meta = write_eval_sets(cands, users, index, builder, args, run_args.seed, out)
+    eval_seed = run_args.seed if args.eval_seed is None else args.eval_seed
+    eval_meta = write_eval_sets(cands, users, index, builder, args, eval_seed, out)
     ids = letter_ids(tokenizer, per_task["next_item"][0]["prompt"], len(cands["test"][0]["candidates"]))
     mixture = {"tasks": {t: {"probability": round(p / sum(probs), 4), "rows": len(parts[t]), "in_mixture": mixed["task"].count(t)}
                          for t, p in zip(parts, probs)},
@@ -253,19 +257,27 @@ def main(run_args: RunArguments, args: TaskArguments) -> Path:
     return out
 
 
+def train_users(rows, max_samples: int | None, seed: int):
+    """A seeded sample of training users, enough for `max_samples` mixed rows (each user gives one row per task)."""
+    if not max_samples or len(rows) <= max_samples:
+        return rows
+    return rows.select(sorted(random.Random(f"{seed}-train").sample(range(len(rows)), max_samples)))
+
+
 def write_eval_sets(cands, users, index, builder, args, seed, out: Path) -> dict:
     import datasets
 
-    meta = {"candidate_order": args.candidate_order}
+    meta = {"candidate_order": args.candidate_order, "eval_seed": seed}
     for split in ("validation", "test"):
         rows = cands[split]
         sample = list(range(len(rows)))
-        if args.max_eval_users and len(rows) > args.max_eval_users:  # a seeded sample of *all* users keeps overall metrics per user
-            sample = sorted(random.Random(f"{seed}-{split}").sample(sample, args.max_eval_users))
+        cap = args.max_eval_users if split == "test" or args.max_validation_users is None else args.max_validation_users
+        if cap and len(rows) > cap:  # a seeded sample of *all* users keeps overall metrics per user
+            sample = sorted(random.Random(f"{seed}-{split}").sample(sample, cap))
         ranks = [rows[i]["target_rank"] for i in sample]
         chosen = rows.select([i for i, r in zip(sample, ranks) if r is not None])
         meta[split] = {"users": len(sample), "in_candidates": len(chosen), "all_users": len(rows)}
-        for suffix, with_history in (("", True), ("_uid_only", False)):
+        for suffix, with_history in (("", True), ("_uid_only", False))[: 2 if any(index.values()) else 1]:
             data = next_item_rows(chosen, users, index, builder, args, seed, split, with_history=with_history)
             datasets.Dataset.from_list(data).save_to_disk(str(out / f"next_item_{split}{suffix}"))
     return meta

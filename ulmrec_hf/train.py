@@ -27,6 +27,7 @@ class RankerArguments:
     quantization: str = field(default="auto", metadata={"help": "'auto': 4-bit QLoRA when CUDA + bitsandbytes exist; '4bit' or 'none' to force.", "choices": ["auto", "4bit", "none"]})
     train_index_embeddings: bool = field(default=True, metadata={"help": "Train the embedding rows of the added index tokens."})
     eval_before_training: bool = field(default=True, metadata={"help": "Score the untrained model first (the zero-shot baseline)."})
+    lora_last_layers: int | None = field(default=None, metadata={"help": "LoRA on only the last N decoder layers: the backward stops there unless index-token rows are trained (default: all)."})
 
 
 PAPER_DEFAULTS = {"learning_rate": 1e-4, "num_train_epochs": 1.0, "optim": "adamw_torch", "lora_r": 8, "lora_alpha": 32,
@@ -97,6 +98,11 @@ def build_model(model_args: ModelConfig, ranker: RankerArguments, tokenizer, new
     disable_cpu_repack(model)
     model_args.use_peft = True
     peft_config = get_peft_config(model_args)
+    if ranker.lora_last_layers:
+        n = model.config.num_hidden_layers
+        if not 0 < ranker.lora_last_layers <= n:
+            raise UlmrecError(f"train: --lora_last_layers must be in 1..{n} for this model, got {ranker.lora_last_layers}")
+        peft_config.layers_to_transform = list(range(n - ranker.lora_last_layers, n))
     if ranker.train_index_embeddings and new_ids:
         tied = getattr(model.config, "tie_word_embeddings", False)
         peft_config.trainable_token_indices = {"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids}
