@@ -14,6 +14,7 @@ cut-off run continues where it stopped (training resumes from its last checkpoin
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -99,12 +100,22 @@ def run_variant(name: str, base: Path, common: list[str]) -> dict:
             "mixture": {t: v["in_mixture"] for t, v in mixture["tasks"].items()}}
 
 
+def random_order(share: float, n: int = 20) -> tuple[dict, dict]:
+    """Expected rank and overall metrics of a uniformly random order of n candidates (the floor to beat)."""
+    rank = {}
+    for k in (5, 10):
+        rank.update({f"mrr@{k}": sum(1 / r for r in range(1, k + 1)) / n, f"recall@{k}": k / n,
+                     f"ndcg@{k}": sum(1 / math.log2(r + 1) for r in range(1, k + 1)) / n})
+    return rank, {key: v * share for key, v in rank.items()}
+
+
 def rows(results: dict) -> list[tuple[str, dict, dict, str]]:
     """(row name, rank metrics, overall metrics, wall) in table order; the retriever row comes from any variant (same users)."""
     out = []
     first = next(iter(results.values()), None)
     if first:
         m = first["metrics"]["metrics"]["retriever"]
+        out.append(("random order (expected)", *random_order(first["metrics"]["users_in_candidates"] / first["metrics"]["users"]), "-"))
         out.append(("retriever (LRURec order)", m["rank"], m["overall"], "-"))
     for name, r in results.items():
         for key, label in (("ulmrec", name), ("ulmrec_uid_only", f"{name} uid-only")):
@@ -160,13 +171,63 @@ def write(results: dict, args, out_json: Path) -> None:
     trained = [r["train_samples"] for r in results.values() if r["train_samples"]]
     meta = {"users": any_run["users"], "all_users": any_run["all_users_of_split"], "rank_users": any_run["users_in_candidates"],
             "candidate_order": any_run["candidate_order"], "train_samples": sorted(set(trained)) or args.train_samples}
+    spread = paired_ndcg(results)
     summary = {"data": "amazon-beauty-ulmrec (LlamaRec split)", "model": "SmolLM2-135M-Instruct", "device": "CPU, 2 cores",
                "eval_seed": EVAL_SEED, "settings": vars(args), **meta, "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()),
-               "table": [{"variant": label, "rank": rank, "overall": overall} for label, rank, overall, _ in rows(results)], "results": results}
+               "table": [{"variant": label, "rank": rank, "overall": overall} for label, rank, overall, _ in rows(results)],
+               "rank_ndcg@10_paired_vs_llamarec": spread, "results": results}
     out_json.write_text(json.dumps(summary, indent=2) + "\n")
-    md = table(results, meta)
+    md = table(results, meta) + spread_table(spread)
     (out_json.with_suffix(".md")).write_text(md)
     print(md, flush=True)
+
+
+def per_user_ndcg10(ranks) -> dict:
+    return {u: (1 / math.log2(r + 1) if r <= 10 else 0.0) for u, r in ranks}
+
+
+def paired_ndcg(results: dict) -> dict:
+    """Per-user rank NDCG@10 of every scored row against llamarec on the same users: mean, standard error, paired 95 % CI."""
+    import datasets
+
+    scored = {}
+    for name in results:
+        per_user = datasets.load_from_disk(str(RUNS / name / "eval" / "per_user"))
+        scored[name] = per_user_ndcg10(zip(per_user["user_id"], per_user["rank"]))
+        if "rank_uid_only" in per_user.column_names:
+            scored[f"{name} uid-only"] = per_user_ndcg10(zip(per_user["user_id"], per_user["rank_uid_only"]))
+    if "llamarec" not in scored:
+        return {}
+    base = scored["llamarec"]
+    cands = datasets.load_from_disk(str(RUNS / "base" / "retriever" / "candidates" / "test"))
+    ranks = dict(zip(cands["user_id"], cands["target_rank"]))
+    scored = {"retriever (LRURec order)": per_user_ndcg10((u, ranks[u]) for u in base), **scored}
+    out = {}
+    for name, values in scored.items():
+        x = [values[u] for u in base]
+        d = [values[u] - base[u] for u in base]
+        out[name] = {"users": len(x), "mean": mean(x), "se": se(x), "diff_vs_llamarec": mean(d), "diff_ci95": [mean(d) - 1.96 * se(d), mean(d) + 1.96 * se(d)]}
+    return out
+
+
+def mean(x: list[float]) -> float:
+    return sum(x) / len(x)
+
+
+def se(x: list[float]) -> float:
+    m = mean(x)
+    return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x))
+
+
+def spread_table(spread: dict) -> str:
+    if not spread:
+        return ""
+    lines = ["", "Rank NDCG@10 per user on the same users: mean ± standard error, and the paired difference to llamarec (95 % CI).", "",
+             "| variant | rank N@10 | ± SE | Δ vs llamarec | 95 % CI |", "|---|---|---|---|---|"]
+    for name, v in spread.items():
+        lo, hi = v["diff_ci95"]
+        lines.append(f"| {name} | {v['mean']:.4f} | {v['se']:.4f} | {v['diff_vs_llamarec']:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
