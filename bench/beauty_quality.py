@@ -32,16 +32,17 @@ EVAL_SEED = 42
 PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
 NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "false", "--use_history_to_index", "false",
             "--use_rating", "false", "--use_intent", "false"]
+ONE_PASS = ["--uid_only", "false"]  # uid-only prompts still hold the 20 candidates: ~6 min per variant, so ulmrec_pid only
 # name -> (stage overrides, index source: "base" links the base run's pid index, None builds its own, or another variant's name)
 VARIANTS = {  # in run order: the key comparisons first
     "llamarec": (["--index_scheme", "none", *NO_ALIGN], None),
     "zero_shot": (["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"], "llamarec"),
     "ulmrec_pid": ([], "base"),
-    "paper_index": (["--index_scheme", "import", "--index_import_file", str(DATA / "paper_user_index.json")], None),
+    "paper_index": (["--index_scheme", "import", "--index_import_file", str(DATA / "paper_user_index.json"), *ONE_PASS], None),
     "llamarec_seed2": (["--index_scheme", "none", *NO_ALIGN, "--seed", "43"], None),
-    "ulmrec_pid_seed2": (["--seed", "43"], "base"),
-    "nid": (["--index_scheme", "nid"], None),
-    "oid": (["--index_scheme", "oid"], None),
+    "ulmrec_pid_seed2": (["--seed", "43", *ONE_PASS], "base"),
+    "nid": (["--index_scheme", "nid", *ONE_PASS], None),
+    "oid": (["--index_scheme", "oid", *ONE_PASS], None),
 }
 COLS = [f"{m}@{k}" for k in (5, 10) for m in ("mrr", "ndcg", "recall")]
 

@@ -21,6 +21,7 @@ KS = (5, 10)
 class EvaluateArguments:
     eval_batch_size: int = field(default=8, metadata={"help": "Users scored at once."})
     eval_split: str = field(default="test", metadata={"help": "Split to evaluate.", "choices": ["test", "validation"]})
+    uid_only: bool = field(default=True, metadata={"help": "Also score the uid-only prompts (index, no history: Table 4)."})
     zero_shot: bool = field(default=False, metadata={"help": "Score the tasks stage's base LLM without an adapter (no `train` needed)."})
     zero_shot_dtype: str = field(default="float32", metadata={"help": "Weights dtype of the zero-shot model.", "choices": ["float32", "bfloat16", "float16"]})
 
@@ -55,7 +56,7 @@ def main(run_args: RunArguments, args: EvaluateArguments) -> Path:
     results, per_user = {}, {}
     for variant, name in (("", "ulmrec"), ("_uid_only", "ulmrec_uid_only")):
         path = run / "tasks" / f"next_item_{args.eval_split}{variant}"
-        if not path.exists():  # no uid-only set without a user index
+        if not path.exists() or (variant and not args.uid_only):  # no uid-only set without a user index, or not asked for
             continue
         data = datasets.load_from_disk(str(path))
         scores = score_prompts(model, tokenizer, data["prompt"], config["letter_token_ids"], args.eval_batch_size, progress=f"scoring {name}")
