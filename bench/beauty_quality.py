@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from ulmrec_hf.ablate import link_shared
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec"
 RECIPE = ROOT / "recipes" / "beauty" / "smollm2-135m" / "pipeline.yaml"
@@ -74,11 +76,9 @@ def base_run(common: list[str]) -> Path:
 def run_variant(name: str, base: Path, common: list[str]) -> dict:
     overrides, index_from = VARIANTS[name]
     vdir = RUNS / name
-    for shared in ("data", "retriever", "preferences"):
-        link(base / shared, vdir / shared)
+    link_shared(base, vdir, with_index=index_from == "base")
     stages = ["index", "tasks", "train", "evaluate"]
     if index_from == "base":
-        link(base / "user_index", vdir / "user_index")
         stages = stages[1:]
     elif index_from:  # zero-shot: the other variant's prompts, the base model
         for shared in ("user_index", "tasks"):

@@ -2,7 +2,8 @@
 
 `score_prompts` is the serving path: users batched with left padding (sorted by length), the token prefix
 all prompts share (the instruction header) encoded once and reused as a KV cache, one forward through the
-decoder only, the last position only, and a projection onto just the letter rows of the LM head. `naive_scores` is LlamaRec's way (batch 1, full-vocabulary logits everywhere) for comparison.
+decoder only, the last position only, and a projection onto just the letter rows of the LM head.
+`naive_scores` is LlamaRec's way (batch 1, full-vocabulary logits everywhere) for comparison.
 """
 
 import logging
@@ -105,6 +106,7 @@ def score_prompts(model, tokenizer, prompts: list[str], letter_ids: list[int], b
 
 
 def left_pad(rows: list[list[int]], pad_id: int, device):
+    """(input_ids, attention_mask) of token lists padded on the left to the longest."""
     import torch
 
     width = max(len(r) for r in rows)

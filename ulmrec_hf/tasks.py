@@ -277,7 +277,8 @@ def write_eval_sets(cands, users, index, builder, args, seed, out: Path) -> dict
         ranks = [rows[i]["target_rank"] for i in sample]
         chosen = rows.select([i for i, r in zip(sample, ranks) if r is not None])
         meta[split] = {"users": len(sample), "in_candidates": len(chosen), "all_users": len(rows)}
-        for suffix, with_history in (("", True), ("_uid_only", False))[: 2 if any(index.values()) else 1]:
+        kinds = [("", True), ("_uid_only", False)] if any(index.values()) else [("", True)]  # uid-only needs a user index
+        for suffix, with_history in kinds:
             data = next_item_rows(chosen, users, index, builder, args, seed, split, with_history=with_history)
             datasets.Dataset.from_list(data).save_to_disk(str(out / f"next_item_{split}{suffix}"))
     return meta

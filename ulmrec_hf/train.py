@@ -113,7 +113,7 @@ def make_trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from .ranker import score_batch
+    from .ranker import left_pad, score_batch
 
     class VerbalizerSFTTrainer(SFTTrainer):
         """SFT on the mixture; evaluation = verbalizer ranking of next-item validation prompts."""
@@ -140,11 +140,8 @@ def make_trainer_class():
             labels = inputs["labels"]
             starts = (labels != -100).int().argmax(1)  # first completion token = the answer letter
             gold = torch.tensor([self.letter_index[int(labels[i, s])] for i, s in enumerate(starts.tolist())], device=labels.device)
-            rows = [inputs["input_ids"][i, :s] for i, s in enumerate(starts.tolist())]
-            width = max(len(r) for r in rows)
-            pad = self.processing_class.pad_token_id
-            ids = torch.stack([torch.cat([r.new_full((width - len(r),), pad), r]) for r in rows])  # left padding
-            mask = torch.stack([torch.cat([r.new_zeros(width - len(r)), r.new_ones(len(r))]) for r in rows])
+            rows = [inputs["input_ids"][i, :s].tolist() for i, s in enumerate(starts.tolist())]
+            ids, mask = left_pad(rows, self.processing_class.pad_token_id, labels.device)
             with torch.no_grad():
                 scores = score_batch(model, ids, mask, self.letter_ids)
             return None, scores, gold
