@@ -1,6 +1,6 @@
-"""The paper's ablations (Fig. 8 and 9) on the demo data: `ulmrec ablate` with a reduced training budget
-per variant (15 LoRA steps); by default five variants (pass `--variants ...` for others). Reuses bench/runs/demo
-(from bench/train_demo.py) for the shared stages. Copies the table, JSON and PNG to bench/results/."""
+"""The paper's ablations (Fig. 8 and 9) on the demo data: `ulmrec ablate` with the demo's training budget per variant;
+by default five variants (pass `--variants ...` for others). Reuses bench/runs/demo (from bench/train_demo.py) for the
+shared stages. Copies the table, JSON and PNG to bench/results/."""
 
 import shutil
 import sys
@@ -8,15 +8,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "demo" / "smollm2-135m" / "pipeline.yaml"
-BUDGET = ["--max_train_samples", "60", "--max_eval_users", "60", "--eval_before_training", "false", "--eval_steps", "15"]
-VARIANTS = ["--variants", "full", "wo_all_align", "pid_wo_align", "nid", "oid"]  # the 11 variants take ~1 h here; these 5 ~15 min
+VARIANTS = ["--variants", "full", "wo_all_align", "pid_wo_align", "nid", "oid"]  # the 11 variants take about 11 demo trainings
 
 
 def main() -> int:
-    from ulmrec_hf.ablate import main as ablate
+    from ulmrec_hf.runner import ablate
 
     run = ROOT / "bench" / "runs" / "demo"
-    root = ablate([str(RECIPE), *(sys.argv[1:] or VARIANTS), "--run_dir", str(run), "--demo_output", str(run / "raw"), "--input", str(run / "raw"), *BUDGET])
+    root = ablate([str(RECIPE), *(sys.argv[1:] or VARIANTS), "--run_dir", str(run), "--demo-data.output", str(run / "raw"),
+                   "--prepare.input", str(run / "raw")])
     for name in ("ablation.md", "ablation.json", "ablation.png"):
         shutil.copy2(root / name, ROOT / "bench" / "results" / f"demo_{name}")
     print("wrote bench/results/demo_ablation.{md,json,png}")

@@ -1,27 +1,28 @@
-"""Does the LLM re-ranker beat its retriever, and do user indices + alignment tasks beat the same LLM without them?
-The paper's Table 2 claim measured on the real Beauty split at CPU scale (SmolLM2-135M, LoRA), issue 8.
+"""Does the LLM re-ranker earn its place on real Beauty? The paper's Table 2 at CPU scale (SmolLM2-135M, LoRA), issue 12.
 
-Every variant is scored on the same seeded test users (`--eval_seed`) with the same candidates:
-  retriever (LRURec order), zero_shot (SmolLM2 without tuning, LlamaRec prompts), llamarec (next-item only, no user field),
-  ulmrec_pid (pid index + all alignment tasks; also its uid-only prompts), paper_index (the authors' indices imported),
-  nid, oid, and llamarec / ulmrec_pid again with a second training seed.
+Two protocols side by side, every row on the same test users and candidates:
+- paper: the retriever's order at evaluation (letter A is LRURec's top-1), as the authors' code evaluates;
+- shuffled: a seeded shuffle per user, which measures what the LLM itself understands.
+Training is the authors' in both (every prefix of each training sequence, 19 random negatives, shuffled), so each model
+is trained once on identical rows (checked), with its final checkpoint only, and scored under both orders.
 
-Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--only v1,v2] [--key value ...]
-Resumable: each variant lives in bench/runs/beauty-quality/<variant>/; finished stages and variants are kept and a
-cut-off run continues where it stopped (training resumes from its last checkpoint). Run it in the background:
-  nohup python bench/beauty_quality.py > bench/runs/beauty-quality.log 2>&1 &
+Rows: LRURec order; zero-shot SmolLM2 (LlamaRec prompts, no tuning); LlamaRec-style (next-item only, no user field);
+ULMRec pid (our index + every alignment task; the same next-item rows, alignment rows on top); each LLM row also fused
+with LRURec, z(retriever) + w z(letter log-prob), w chosen on validation users only. Paired 95 % CIs of per-user
+rank NDCG@10 against LRURec and against LlamaRec-style.
+
+Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--validation_users 4000]
+Resumable (bench/runs/beauty-quality/): finished stages are skipped and training resumes. About 2.5 h on 2 cores
+including LRURec (run it in the background: nohup python bench/beauty_quality.py > bench/runs/beauty-quality.log 2>&1 &).
 """
 
 import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
-
-from ulmrec_hf.ablate import link_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec"
@@ -29,30 +30,21 @@ RECIPE = ROOT / "recipes" / "beauty" / "smollm2-135m" / "pipeline.yaml"
 RUNS = ROOT / "bench" / "runs" / "beauty-quality"
 RETRIEVER_RUN = ROOT / "bench" / "runs" / "beauty-lrurec"  # made by bench/retriever.py (the paper's LRURec settings)
 EVAL_SEED = 42
-# Shorter prompts than the recipe's (10 history items, 24-token titles: ~700 tokens) so that the 9 scorings of ~1,000
-# users and 7 trainings fit ~2.5 h on 2 cores: ~500 tokens, 2.1 users/s in bf16 against 1.3 (measured side by side).
-PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
 NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "false", "--use_history_to_index", "false",
             "--use_rating", "false", "--use_intent", "false"]
-ONE_PASS = ["--uid_only", "false"]  # uid-only prompts still hold the 20 candidates: ~6 min per variant, so ulmrec_pid only
-# name -> (stage overrides, index source: "base" links the base run's pid index, None builds its own, or another variant's name)
-VARIANTS = {  # in run order: the key comparisons first
-    "llamarec": (["--index_scheme", "none", *NO_ALIGN], None),
-    "zero_shot": (["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"], "llamarec"),
-    "ulmrec_pid": ([], "base"),
-    "paper_index": (["--index_scheme", "import", "--index_import_file", str(DATA / "paper_user_index.json"), *ONE_PASS], None),
-    "llamarec_seed2": (["--index_scheme", "none", *NO_ALIGN, "--seed", "43"], None),
-    "ulmrec_pid_seed2": (["--seed", "43", *ONE_PASS], "base"),
-    "nid": (["--index_scheme", "nid", *ONE_PASS], None),
-    "oid": (["--index_scheme", "oid", *ONE_PASS], None),
-}
-COLS = [f"{m}@{k}" for k in (5, 10) for m in ("mrr", "ndcg", "recall")]
+# Shorter prompts than the recipe's so that six scorings of ~1,500 users and two trainings fit the budget on 2 cores.
+PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
+PROTOCOLS = ("paper", "shuffled")
+MODELS = {"llamarec": NO_ALIGN, "ulmrec_pid": []}
 
 
-def stage(name: str, run: Path, flags: list[str]) -> None:
-    cmd = [sys.executable, "-m", "ulmrec_hf.cli", name, "--config", str(RECIPE), "--run_dir", str(run), *flags]
-    print("$", " ".join(cmd[2:]), flush=True)
-    subprocess.run(cmd, check=True)
+def stage(name: str, run: Path, flags: list[str]) -> float:
+    from ulmrec_hf.runner import run_stage
+
+    start = time.time()
+    print(f"== {run.relative_to(RUNS)}: ulmrec {name} {' '.join(flags)}", flush=True)
+    run_stage(name, ["--config", str(RECIPE), "--run_dir", str(run), *flags])
+    return round(time.time() - start, 1)
 
 
 def link(src: Path, dst: Path) -> None:
@@ -61,174 +53,155 @@ def link(src: Path, dst: Path) -> None:
         os.symlink(src.resolve(), dst, target_is_directory=True)
 
 
-def base_run(common: list[str]) -> Path:
+def base_run(times: dict) -> Path:
     """Data and LRURec candidates from bench/runs/beauty-lrurec (trained there if absent), imported preferences, pid index."""
+    import subprocess
+
     base = RUNS / "base"
     if not (RETRIEVER_RUN / "retriever" / "_COMPLETE").exists():
+        start = time.time()
         subprocess.run([sys.executable, str(ROOT / "bench" / "retriever.py"), "--only", "lrurec"], check=True)
+        times["retrieve"] = round(time.time() - start, 1)
     for name in ("data", "retriever"):
         link(RETRIEVER_RUN / name, base / name)
-    for name in ("preferences", "index"):
-        stage(name, base, common)
+    times["preferences"] = stage("preferences", base, [])
+    times["index"] = stage("index", base, [])
     return base
 
 
-def run_variant(name: str, base: Path, common: list[str]) -> dict:
-    overrides, index_from = VARIANTS[name]
-    vdir = RUNS / name
-    link_shared(base, vdir, with_index=index_from == "base")
-    stages = ["index", "tasks", "train", "evaluate"]
-    if index_from == "base":
-        stages = stages[1:]
-    elif index_from:  # zero-shot: the other variant's prompts, the base model
-        for shared in ("user_index", "tasks"):
-            link(RUNS / index_from / shared, vdir / shared)
-        stages = ["evaluate"]
-    timer = vdir / "bench_time.json"
-    spent = json.loads(timer.read_text()) if timer.exists() else {}
-    for s in stages:
-        if (vdir / {"index": "user_index", "train": "ranker", "evaluate": "eval"}.get(s, s) / "_COMPLETE").exists():
-            continue
-        start = time.time()
-        stage(s, vdir, [*common, *overrides])
-        spent[s] = round(spent.get(s, 0) + time.time() - start, 1)
-        timer.write_text(json.dumps(spent))
-    metrics = json.loads((vdir / "eval" / "metrics.json").read_text())
-    train = json.loads((vdir / "ranker" / "train_metrics.json").read_text()) if index_from != "llamarec" else None
-    mixture = json.loads((vdir / "tasks" / "mixture.json").read_text())
-    return {"overrides": overrides, "wall_s": spent, "wall_s_total": round(sum(spent.values()), 1), "metrics": metrics,
-            "train_samples": train["train_samples"] if train else 0, "steps": train["steps"] if train else 0,
-            "mixture": {t: v["in_mixture"] for t, v in mixture["tasks"].items()}}
+def model_runs(base: Path, common: list[str], train_flags: list[str], times: dict) -> None:
+    """Each model: tasks and training in the paper protocol, evaluated there; then the shuffled protocol's tasks
+    (identical training rows, checked) and the same ranker evaluated on them."""
+    from ulmrec_hf.runner import link_shared
+
+    for model, flags in MODELS.items():
+        index = [] if model == "ulmrec_pid" else ["--scheme", "none"]
+        for protocol in PROTOCOLS:
+            run = RUNS / protocol / model
+            link_shared(base, run, ("prepare", "retrieve", "preferences") + (("index",) if model == "ulmrec_pid" else ()))
+            t = times.setdefault(f"{protocol}/{model}", {})
+            if index:
+                t["index"] = stage("index", run, index)
+            t["tasks"] = stage("tasks", run, ["--protocol", protocol, *common, *flags])
+            if protocol == "paper":
+                t["train"] = stage("train", run, train_flags)
+                t["evaluate"] = stage("evaluate", run, ["--uid_only", "false"])
+            else:
+                paper = RUNS / "paper" / model
+                same_rows(paper, run)
+                t["evaluate"] = stage("evaluate", run, ["--uid_only", "false", "--ranker", str(paper / "ranker")])
+    for protocol in PROTOCOLS:
+        zero = RUNS / protocol / "zero_shot"
+        link_shared(RUNS / protocol / "llamarec", zero, ("prepare", "retrieve", "preferences", "index", "tasks"))
+        times[f"{protocol}/zero_shot"] = {"evaluate": stage("evaluate", zero, ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"])}
 
 
-def random_order(share: float, n: int = 20) -> tuple[dict, dict]:
-    """Expected rank and overall metrics of a uniformly random order of n candidates (the floor to beat)."""
-    rank = {}
-    for k in (5, 10):
-        rank.update({f"mrr@{k}": sum(1 / r for r in range(1, k + 1)) / n, f"recall@{k}": k / n,
-                     f"ndcg@{k}": sum(1 / math.log2(r + 1) for r in range(1, k + 1)) / n})
-    return rank, {key: v * share for key, v in rank.items()}
+def same_rows(a: Path, b: Path) -> None:
+    import datasets
+
+    rows = [datasets.load_from_disk(str(r / "tasks" / "train"))["prompt"] for r in (a, b)]
+    if rows[0] != rows[1]:
+        raise SystemExit(f"{a} and {b} have different training rows; a ranker cannot be shared between them")
 
 
-def rows(results: dict) -> list[tuple[str, dict, dict, str]]:
-    """(row name, rank metrics, overall metrics, wall) in table order; the retriever row comes from any variant (same users)."""
-    out = []
-    first = next(iter(results.values()), None)
-    if first:
-        m = first["metrics"]["metrics"]["retriever"]
-        out.append(("random order (expected)", *random_order(first["metrics"]["users_in_candidates"] / first["metrics"]["users"]), "-"))
-        out.append(("retriever (LRURec order)", m["rank"], m["overall"], "-"))
-    for name, r in results.items():
-        for key, label in (("ulmrec", name), ("ulmrec_uid_only", f"{name} uid-only")):
-            m = r["metrics"]["metrics"].get(key)
-            if m:
-                out.append((label, m["rank"], m["overall"], f"{r['wall_s_total'] / 60:.1f}" if key == "ulmrec" else "(same model)"))
+def per_user(run: Path) -> dict:
+    import datasets
+
+    test = datasets.load_from_disk(str(run / "eval" / "per_user"))["test"]
+    ndcg = lambda r: 1 / math.log2(r + 1) if r <= 10 else 0.0  # noqa: E731
+    return {"ranker": dict(zip(test["user_id"], map(ndcg, test["rank"]))), "fused": dict(zip(test["user_id"], map(ndcg, test["fused_rank"]))),
+            "retriever": dict(zip(test["user_id"], map(ndcg, test["retriever_rank"])))}
+
+
+def paired(values: dict, base: dict) -> dict:
+    users = sorted(base)
+    x, d = [values[u] for u in users], [values[u] - base[u] for u in users]
+    mean = lambda v: sum(v) / len(v)  # noqa: E731
+    se = lambda v: math.sqrt(sum((e - mean(v)) ** 2 for e in v) / (len(v) - 1) / len(v))  # noqa: E731
+    return {"mean": round(mean(x), 4), "diff": round(mean(d), 4), "ci95": [round(mean(d) - 1.96 * se(d), 4), round(mean(d) + 1.96 * se(d), 4)]}
+
+
+def rows_of(protocol: str) -> dict:
+    """label -> (run, kind, per-user NDCG@10, metrics) for one protocol."""
+    out = {}
+    for model in ("zero_shot", "llamarec", "ulmrec_pid"):
+        run = RUNS / protocol / model
+        metrics = json.loads((run / "eval" / "metrics.json").read_text())
+        users = per_user(run)
+        if not out:
+            out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None)
+        out[model] = (users["ranker"], metrics["test"]["ranker"], None)
+        out[f"{model} + LRURec fused"] = (users["fused"], metrics["test"]["fused"], metrics["fusion"]["weight"])
     return out
 
 
-def table(results: dict, meta: dict) -> str:
-    head = "| variant | " + " | ".join(f"rank {c}" for c in COLS) + " | overall N@10 | overall R@10 | wall min |"
-    lines = [head, "|---" * (len(COLS) + 4) + "|"]
-    for label, rank, overall, wall in rows(results):
-        lines.append(f"| {label} | " + " | ".join(f"{rank[c]:.4f}" for c in COLS) + f" | {overall['ndcg@10']:.4f} | {overall['recall@10']:.4f} | {wall} |")
-    return "\n".join([f"# Beauty re-ranking quality (SmolLM2-135M-Instruct, CPU)\n", *meta_lines(meta), "", *lines, ""])
+def report(args, times: dict, wall: float) -> dict:
+    meta = json.loads((RUNS / "paper" / "llamarec" / "tasks" / "eval_meta.json").read_text())
+    mixtures = {m: json.loads((RUNS / "paper" / m / "tasks" / "mixture.json").read_text()) for m in MODELS}
+    results = {}
+    for protocol in PROTOCOLS:
+        rows = rows_of(protocol)
+        lrurec, llamarec = rows["LRURec order"][0], rows["llamarec"][0]
+        results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w,
+                                     "vs_lrurec": paired(v, lrurec), "vs_llamarec": paired(v, llamarec)} for label, (v, m, w) in rows.items()}
+    summary = {"data": "amazon-beauty-ulmrec (LlamaRec split)", "model": "SmolLM2-135M-Instruct, LoRA r=8 on q,v, bf16 weights",
+               "device": "CPU, 2 cores", "eval_seed": EVAL_SEED, "settings": vars(args), "test_users": meta["test"],
+               "validation_users": meta["validation"], "prompt": {"history_len": 5, "title_max_tokens": 16},
+               "training": {m: {"next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"], "tasks": mix["tasks"]}
+                            for m, mix in mixtures.items()},
+               "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": times, "wall_s_total": round(wall, 1),
+               "results": results}
+    (ROOT / "bench" / "results" / "beauty_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (ROOT / "bench" / "results" / "beauty_quality.md").write_text(markdown(summary))
+    print(markdown(summary))
+    return summary
 
 
-def meta_lines(meta: dict) -> list[str]:
-    return [f"- test users sampled: {meta['users']} of {meta['all_users']} (eval seed {EVAL_SEED}); ground truth in LRURec top 20: "
-            f"{meta['rank_users']} (the rank users; overall = per user over all sampled users, 0 when missed)",
-            f"- training: {meta['train_samples']} mixed samples per variant (a seeded sample of training users), LoRA r=8 on q,v, "
-            f"bf16 weights, 1 epoch; prompts: {PROMPT[1]} history items, titles cut to {PROMPT[3]} tokens; candidate order: {meta['candidate_order']}",
-            "- wall min: index + tasks + train + evaluate of the variant on this 2-core CPU"]
+def markdown(s: dict) -> str:
+    t, v = s["test_users"], s["validation_users"]
+    lines = ["# Beauty re-ranking quality (SmolLM2-135M-Instruct, CPU)", "",
+             f"- test users: {t['users']} sampled of {t['all_users']} (eval seed {s['eval_seed']}); ground truth in LRURec's top 20: "
+             f"{t['in_candidates']} (the rank users); overall = per user over the sampled users, 0 when missed",
+             f"- validation (fusion weight): {v['in_candidates']} rank users of {v['users']} sampled",
+             f"- training, each model once (final checkpoint), the authors' rows: every prefix, 19 random negatives; "
+             f"LlamaRec-style {s['training']['llamarec']['all_rows']} rows, ULMRec {s['training']['ulmrec_pid']['next_item_rows']} "
+             f"next-item + {s['training']['ulmrec_pid']['all_rows'] - s['training']['ulmrec_pid']['next_item_rows']} alignment rows",
+             f"- prompts: {s['prompt']['history_len']} history items, titles cut to {s['prompt']['title_max_tokens']} tokens; "
+             f"total wall time {s['wall_s_total'] / 60:.0f} min on 2 cores", ""]
+    for protocol, rows in s["results"].items():
+        order = "the retriever's order (A = LRURec's top-1)" if protocol == "paper" else "a seeded shuffle"
+        lines += [f"## Protocol `{protocol}`: candidates in {order}", "",
+                  "| row | rank N@10 | rank R@10 | rank MRR@10 | overall N@10 | Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style (95 % CI) |",
+                  "|---|---|---|---|---|---|---|"]
+        for label, r in rows.items():
+            name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
+            ci = lambda p: f"{p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"  # noqa: E731
+            lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
+                         f"{r['overall']['ndcg@10']:.4f} | {ci(r['vs_lrurec'])} | {ci(r['vs_llamarec'])} |")
+        lines.append("")
+    paper = s["paper_metrics"]
+    lines.append(f"The authors' released Llama-2-7b checkpoint: rank N@10 {paper['rank_subset'].get('NDCG@10', paper['rank_subset'])}"
+                 if isinstance(paper.get("rank_subset"), dict) else "")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train_samples", type=int, default=200)
-    parser.add_argument("--eval_users", type=int, default=8000, help="test users sampled (~13%% have the ground truth in the top 20)")
-    parser.add_argument("--validation_users", type=int, default=400)
-    parser.add_argument("--only", default=",".join(VARIANTS))
-    args, extra = parser.parse_known_args()
+    parser.add_argument("--train_samples", type=int, default=400, help="Next-item training rows of both models.")
+    parser.add_argument("--eval_users", type=int, default=8000, help="Test users sampled (about 13%% have the ground truth in the top 20).")
+    parser.add_argument("--validation_users", type=int, default=4000)
+    args = parser.parse_args()
     if not DATA.exists():
         print(f"skip: {DATA} is absent")
         return 0
-    steps = max(1, args.train_samples // 4)  # the recipe's batch size; one checkpoint + validation at the end
+    start, times = time.time(), {}
     common = ["--max_train_samples", str(args.train_samples), "--max_eval_users", str(args.eval_users), "--eval_seed", str(EVAL_SEED),
-              "--max_validation_users", str(args.validation_users), "--eval_steps", str(steps), "--eval_before_training", "false",
-              *PROMPT, *extra]
-    base = base_run(common)
-    out_json = ROOT / "bench" / "results" / "beauty_quality.json"
-    saved = json.loads(out_json.read_text()) if out_json.exists() else {}
-    results = {n: r for n, r in saved.get("results", {}).items() if n in VARIANTS}
-    for name in args.only.split(","):
-        results[name] = run_variant(name, base, common)
-        results = {n: results[n] for n in VARIANTS if n in results}
-        write(results, args, out_json)
+              "--max_validation_users", str(args.validation_users), *PROMPT]
+    train_flags = ["--eval_before_training", "false", "--eval_steps", "1000000"]  # the final weights, scored once at the end
+    base = base_run(times)
+    model_runs(base, common, train_flags, times)
+    report(args, times, time.time() - start)
     return 0
-
-
-def write(results: dict, args, out_json: Path) -> None:
-    any_run = next(iter(results.values()))["metrics"]
-    trained = [r["train_samples"] for r in results.values() if r["train_samples"]]
-    meta = {"users": any_run["users"], "all_users": any_run["all_users_of_split"], "rank_users": any_run["users_in_candidates"],
-            "candidate_order": any_run["candidate_order"], "train_samples": sorted(set(trained)) or args.train_samples}
-    spread = paired_ndcg(results)
-    summary = {"data": "amazon-beauty-ulmrec (LlamaRec split)", "model": "SmolLM2-135M-Instruct", "device": "CPU, 2 cores",
-               "eval_seed": EVAL_SEED, "settings": vars(args), **meta, "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()),
-               "table": [{"variant": label, "rank": rank, "overall": overall} for label, rank, overall, _ in rows(results)],
-               "rank_ndcg@10_paired_vs_llamarec": spread, "results": results}
-    out_json.write_text(json.dumps(summary, indent=2) + "\n")
-    md = table(results, meta) + spread_table(spread)
-    (out_json.with_suffix(".md")).write_text(md)
-    print(md, flush=True)
-
-
-def per_user_ndcg10(ranks) -> dict:
-    return {u: (1 / math.log2(r + 1) if r <= 10 else 0.0) for u, r in ranks}
-
-
-def paired_ndcg(results: dict) -> dict:
-    """Per-user rank NDCG@10 of every scored row against llamarec on the same users: mean, standard error, paired 95 % CI."""
-    import datasets
-
-    scored = {}
-    for name in results:
-        per_user = datasets.load_from_disk(str(RUNS / name / "eval" / "per_user"))
-        scored[name] = per_user_ndcg10(zip(per_user["user_id"], per_user["rank"]))
-        if "rank_uid_only" in per_user.column_names:
-            scored[f"{name} uid-only"] = per_user_ndcg10(zip(per_user["user_id"], per_user["rank_uid_only"]))
-    if "llamarec" not in scored:
-        return {}
-    base = scored["llamarec"]
-    cands = datasets.load_from_disk(str(RUNS / "base" / "retriever" / "candidates" / "test"))
-    ranks = dict(zip(cands["user_id"], cands["target_rank"]))
-    scored = {"retriever (LRURec order)": per_user_ndcg10((u, ranks[u]) for u in base), **scored}
-    out = {}
-    for name, values in scored.items():
-        x = [values[u] for u in base]
-        d = [values[u] - base[u] for u in base]
-        out[name] = {"users": len(x), "mean": mean(x), "se": se(x), "diff_vs_llamarec": mean(d), "diff_ci95": [mean(d) - 1.96 * se(d), mean(d) + 1.96 * se(d)]}
-    return out
-
-
-def mean(x: list[float]) -> float:
-    return sum(x) / len(x)
-
-
-def se(x: list[float]) -> float:
-    m = mean(x)
-    return math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1) / len(x))
-
-
-def spread_table(spread: dict) -> str:
-    if not spread:
-        return ""
-    lines = ["", "Rank NDCG@10 per user on the same users: mean ± standard error, and the paired difference to llamarec (95 % CI).", "",
-             "| variant | rank N@10 | ± SE | Δ vs llamarec | 95 % CI |", "|---|---|---|---|---|"]
-    for name, v in spread.items():
-        lo, hi = v["diff_ci95"]
-        lines.append(f"| {name} | {v['mean']:.4f} | {v['se']:.4f} | {v['diff_vs_llamarec']:+.4f} | [{lo:+.4f}, {hi:+.4f}] |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ BEAUTY = DATA / "amazon-beauty-ulmrec"
 
 
 def stage(name: str, flags: list[str]) -> float:
-    from ulmrec_hf.cli import run_stage
+    from ulmrec_hf.runner import run_stage
 
     start = time.time()
     run_stage(name, flags)
@@ -71,7 +71,7 @@ def main() -> int:
         run = ROOT / "bench" / "runs" / "beauty-index"
         flags = ["--run_dir", str(run)]
         stage("prepare", flags + ["--input", str(BEAUTY / "dataset.json")])
-        wall = stage("index", flags + ["--text_source", "preferences", "--index_preferences_file", str(BEAUTY / "preferences.json"),
+        wall = stage("index", flags + ["--text_source", "preferences", "--preferences_file", str(BEAUTY / "preferences.json"),
                                         "--rq_epochs", "100"])
         stats = json.loads((run / "user_index" / "stats.json").read_text())
         results["beauty_preferences"] = {k: stats[k] for k in ("users", "unique", "collision_rate_before", "collision_rate_after",

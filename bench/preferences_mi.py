@@ -12,8 +12,8 @@ LOCAL_USERS = 64
 
 
 def run(run_dir: Path, flags: list[str]) -> dict:
-    from ulmrec_hf.cli import run_stage
     from ulmrec_hf.common import UlmrecError
+    from ulmrec_hf.runner import run_stage
 
     start = time.time()
     try:
@@ -27,16 +27,16 @@ def run(run_dir: Path, flags: list[str]) -> dict:
 
 
 def main() -> int:
-    from ulmrec_hf.cli import run_stage
+    from ulmrec_hf.runner import run_stage
 
     if not MI.exists():
         print(f"skip: {MI} is absent")
         return 0
     base = ROOT / "bench" / "runs" / "mi-prefs"
     results = {}
-    for name, flags in (("local_smollm2", ["--preference_backend", "local", "--preference_model", "smollm2", "--max_users", str(LOCAL_USERS),
-                                            "--preference_batch_size", "8", "--review_token_budget", "384"]),
-                        ("offline_keywords", ["--preference_backend", "offline-keywords"])):
+    for name, flags in (("local_smollm2", ["--backend", "local", "--model", "smollm2", "--max_users", str(LOCAL_USERS),
+                                            "--batch_size", "8", "--review_token_budget", "384"]),
+                        ("offline_keywords", ["--backend", "offline-keywords"])):
         run_dir = base / name
         run_stage("prepare", ["--run_dir", str(run_dir), "--input", str(MI), "--titles", "optional"])
         results[name] = run(run_dir, flags)

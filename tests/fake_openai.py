@@ -2,7 +2,9 @@
 
 Users are recognised by a `uNNNN` tag in the prompt. Faults on the first attempt, by NNNN % 10:
 1 -> 429 with Retry-After (only when NNNN % 50 == 1; other 1s answer normally), 2 -> 500, 3 -> slower
-than the client timeout, 4 -> malformed JSON, 5 -> empty answer. NNNN % 25 == 7 -> 500 every time.
+than the client timeout, 4 -> malformed JSON, 5 -> empty answer, 6 -> an answer cut off by max_tokens
+(finish_reason "length"). NNNN % 25 == 7 -> 500 every time. `slow_users` are slow on their first attempt too.
+Every request's payload and start time are recorded per user.
 """
 
 import json
@@ -14,8 +16,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeOpenAI:
-    def __init__(self, slow_seconds: float = 1.5, delay: float = 0.0, retry_after: int = 1):
+    def __init__(self, slow_seconds: float = 1.5, delay: float = 0.0, retry_after: int = 1, slow_users: set[int] = frozenset(),
+                 faults: bool = True):
         self.requests = defaultdict(list)  # user tag -> request times
+        self.payloads = defaultdict(list)  # user tag -> request bodies
+        self.intervals = []  # (user tag, attempt, start, end) of every request
+        self.slow_users, self.faults = set(slow_users), faults
         self.lock = threading.Lock()
         self.slow_seconds, self.delay, self.retry_after = slow_seconds, delay, retry_after
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
@@ -57,29 +63,53 @@ class FakeOpenAI:
                     pass
 
             def do_POST(self):
+                start, self.tag_attempt = time.time(), (None, 0)
+                try:
+                    self.handle_post()
+                finally:
+                    with fake.lock:
+                        fake.intervals.append((*self.tag_attempt, start, time.time()))
+
+            def handle_post(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 prompt = payload["messages"][-1]["content"]
                 tag = re.search(r"u(\d{4})", prompt).group(0)
                 n = int(tag[1:])
                 with fake.lock:
                     fake.requests[tag].append(time.time())
+                    fake.payloads[tag].append(payload)
                     attempt = len(fake.requests[tag])
+                self.tag_attempt = (tag, attempt)
                 time.sleep(fake.delay)
-                first = attempt == 1
+                first, slow = attempt == 1, n in fake.slow_users
+                if not fake.faults:
+                    n = 10  # a user with no scripted fault
                 if n % 25 == 7:
                     return self.send(500, b'{"error": {"message": "always broken"}}')
                 if first and n % 10 == 1 and n % 50 == 1:
                     return self.send(429, b'{"error": {"message": "slow down"}}', {"Retry-After": str(fake.retry_after)})
                 if first and n % 10 == 2:
                     return self.send(500, b'{"error": {"message": "server error"}}')
-                if first and n % 10 == 3:
+                if first and (n % 10 == 3 or slow):
                     time.sleep(fake.slow_seconds)
                 if first and n % 10 == 4:
                     return self.send(200, b'{"id": "x", "choices": [')
                 content = "" if first and n % 10 == 5 else f"User {tag} prefers gentle {tag} things."
+                cut = first and n % 10 == 6
+                content, finish = (f"User {tag} prefers gentle {tag}", "length") if cut else (content, "stop")  # valid text, but cut off
                 body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": payload["model"],
-                        "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}],
+                        "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}],
                         "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 9, "total_tokens": len(prompt) // 4 + 9}}
                 self.send(200, json.dumps(body).encode())
 
         return Handler
+
+
+def peak_overlap(intervals) -> int:
+    """Most intervals open at the same moment."""
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    peak = now = 0
+    for _, step in events:
+        now += step
+        peak = max(peak, now)
+    return peak

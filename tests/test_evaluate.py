@@ -1,161 +1,144 @@
-import math
+import shutil
 
 import datasets
 import numpy as np
 import pytest
 
-from ulmrec_hf.ablate import VARIANTS, stages_for, variant_overrides
 from ulmrec_hf.common import UlmrecError, read_json
-from ulmrec_hf.evaluate import rank_and_overall
-from ulmrec_hf.ranker import load_ranker, naive_scores, ranks_from_scores, score_prompts
+from ulmrec_hf.evaluate import FUSION_WEIGHTS, agreement, choose_weight, fuse, ranks
+from ulmrec_hf.ranker import naive_scores
+from ulmrec_hf.runner import run_stage
 
 
-def test_ranks_from_hand_made_scores():
-    scores = np.array([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
-    assert ranks_from_scores(scores, np.array([2, 3, 2])).tolist() == [2, 4, 1]
+def test_fusion_with_weight_zero_is_the_retriever_ranking(tiny_pipeline):
+    test = datasets.load_from_disk(str(tiny_pipeline / "tasks" / "next_item_test"))
+    per_user = datasets.load_from_disk(str(tiny_pipeline / "eval" / "per_user"))["test"]
+    fused = ranks(fuse(np.array(test["retriever_scores"]), np.array(per_user["scores"]), 0.0), np.array(test["target_position"]))
+    assert fused == test["retriever_rank"]
+    order = np.argsort(-fuse(np.array(test["retriever_scores"]), np.array(per_user["scores"]), 0.0), axis=1, kind="stable")
+    by_user = {r["user_id"]: r["candidates"] for r in datasets.load_from_disk(str(tiny_pipeline / "retriever" / "candidates" / "test"))}
+    for row, o in zip(test, order):
+        assert [row["candidates"][i] for i in o] == by_user[row["user_id"]]  # the whole list, not just the target
 
 
-def test_overall_is_per_user_over_all_users():
-    result = rank_and_overall([1, 2, 7], total_users=10)
-    rank, overall = result["rank"], result["overall"]
-    assert rank["recall@5"] == pytest.approx(2 / 3) and overall["recall@5"] == pytest.approx(2 / 10)
-    assert overall["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(8)) / 10)
-    assert overall["mrr@10"] == pytest.approx((1 + 1 / 2 + 1 / 7) / 10)
+def test_weight_is_chosen_on_validation():
+    rng = np.random.default_rng(0)
+    retriever = rng.normal(size=(200, 20))
+    gold = rng.integers(0, 20, size=200)
+    helpful = rng.normal(size=(200, 20))
+    helpful[np.arange(200), gold] += 3.0  # an LLM that knows the answer
+    w, choice = choose_weight(FUSION_WEIGHTS, retriever, helpful, gold)
+    curve, se = choice["curve"], choice["paired_se_vs_best"]
+    assert w > 0 and curve[str(w)] > curve["0.0"] + 0.2
+    assert curve[str(w)] >= curve[str(choice["best"])] - se[str(w)]  # within one standard error of the best ...
+    smaller = [x for x in FUSION_WEIGHTS if x < w]
+    assert all(curve[str(x)] < max(curve[str(choice["best"])] - se[str(x)], curve["0.0"]) for x in smaller)  # ... the smallest such w
+    w, choice = choose_weight(FUSION_WEIGHTS, retriever, -helpful, gold)
+    assert w == 0.0 and choice["best"] == 0.0
+    noise = rng.normal(size=(200, 20))  # an LLM that knows nothing: any gain is noise, so the retriever alone
+    assert choose_weight(FUSION_WEIGHTS, retriever, noise, gold)[0] == 0.0
+    with pytest.raises(UlmrecError, match="must include 0"):
+        choose_weight([0.5, 1.0], retriever, helpful, gold)
 
 
-def test_ablation_variants():
-    configs = variant_overrides(["full", "wo_all_align", "nid", "oid_wo_align", "wo_intent"])
-    assert configs["full"] == [] and stages_for(configs["full"]) == ["tasks", "train", "evaluate"]
-    assert set(configs["wo_all_align"]) == {"--use_index_to_preference=false", "--use_preference_to_index=false",
-                                            "--use_history_to_index=false", "--use_rating=false", "--use_intent=false"}
-    assert stages_for(configs["nid"]) == ["index", "tasks", "train", "evaluate"] and "--index_scheme=nid" in configs["nid"]
-    assert "--index_scheme=oid" in configs["oid_wo_align"] and "--use_rating=false" in configs["oid_wo_align"]
-    assert configs["wo_intent"] == ["--use_intent=false"]
-    assert {"nid", "oid", "pid_wo_align", "nid_wo_align"} <= set(VARIANTS)
-    with pytest.raises(UlmrecError, match="unknown variants"):
-        variant_overrides(["w/o everything"])
-
-
-def test_evaluate_writes_both_metric_kinds(tiny_pipeline):
+def test_evaluate_never_tunes_the_weight_on_test(tmp_path, tiny_pipeline, copy_stages):
     summary = read_json(tiny_pipeline / "eval" / "metrics.json")
-    assert summary["candidate_order"] == "shuffled"
-    assert set(summary["metrics"]) == {"ulmrec", "ulmrec_uid_only", "retriever"}
-    for m in summary["metrics"].values():
-        assert m["overall"]["ndcg@10"] == pytest.approx(m["rank"]["ndcg@10"] * summary["users_in_candidates"] / summary["users"])
+    per_user = datasets.load_from_disk(str(tiny_pipeline / "eval" / "per_user"))
+    validation = datasets.load_from_disk(str(tiny_pipeline / "tasks" / "next_item_validation"))
+    w, choice = choose_weight(FUSION_WEIGHTS, np.array(validation["retriever_scores"]), np.array(per_user["validation"]["scores"]),
+                              np.array(validation["target_position"]))
+    assert (summary["fusion"]["weight"], summary["fusion"]["validation_ndcg@10_by_weight"]) == (w, choice["curve"])
+    # the same run with the test rows' retriever scores turned upside down: test metrics change, the weight does not
+    run = copy_stages(tiny_pipeline, tmp_path, ("prepare", "retrieve", "preferences", "index", "tasks", "train"))
+    test = datasets.load_from_disk(str(run / "tasks" / "next_item_test"))
+    test.map(lambda r: {"retriever_scores": [-s for s in r["retriever_scores"]]}).save_to_disk(str(tmp_path / "flipped"))
+    shutil.rmtree(run / "tasks" / "next_item_test")
+    shutil.move(tmp_path / "flipped", run / "tasks" / "next_item_test")
+    run_stage("evaluate", ["--run_dir", str(run), "--uid_only", "false"])
+    again = read_json(run / "eval" / "metrics.json")
+    assert again["fusion"] == summary["fusion"]
+    assert again["test"]["fused"] != summary["test"]["fused"] or w == max(FUSION_WEIGHTS)
+
+
+def test_evaluate_writes_validation_test_and_every_row(tiny_pipeline):
+    summary = read_json(tiny_pipeline / "eval" / "metrics.json")
+    assert summary["protocol"]["name"] == "paper" and summary["protocol"]["eval_order"] == "retriever"
+    assert set(summary["test"]) == {"ranker", "fused", "retriever", "ranker_uid_only"}
+    assert set(summary["validation"]) >= {"ranker", "fused", "retriever", "untrained_rank_ndcg@10"}
+    users = summary["users"]["test"]
+    for m in summary["test"].values():
+        assert m["overall"]["ndcg@10"] == pytest.approx(m["rank"]["ndcg@10"] * users["in_candidates"] / users["users"])
+    assert summary["validation"]["fused"]["rank"]["ndcg@10"] >= summary["validation"]["retriever"]["rank"]["ndcg@10"]
     table = (tiny_pipeline / "eval" / "table.md").read_text()
-    assert "| ulmrec |" in table and "| retriever |" in table and "overall ndcg@10" in table
+    assert "| ranker |" in table and "| retriever |" in table and f"| fused (w={summary['fusion']['weight']:g}) |" in table
+    assert "validation rank NDCG@10" in table and "untrained" in table
 
 
-def test_zero_shot_evaluation_scores_the_base_model(tmp_path, tiny_pipeline, tiny_llm):
-    """No adapter: LlamaRec-style prompts (no user field) scored by the base LLM's letter logits, on the trained run's users."""
-    import shutil
-
+def test_zero_shot_evaluation_scores_the_base_model(tmp_path, tiny_pipeline, tiny_llm, copy_stages, tasks_flags):
+    """No adapter: LlamaRec-style prompts (no user field) scored by the base LLM's letter logits."""
     from transformers import AutoModelForCausalLM
 
-    from ulmrec_hf.cli import run_stage
     from ulmrec_hf.llm import load_tokenizer
 
-    for name in ("data", "retriever", "preferences"):
-        shutil.copytree(tiny_pipeline / name, tmp_path / name)
-    r = ["--run_dir", str(tmp_path)]
-    run_stage("index", r + ["--index_scheme", "none"])
-    run_stage("tasks", r + ["--model_name_or_path", tiny_llm, "--max_length", "768", "--history_len", "5", "--max_eval_users", "60"])
-    run_stage("evaluate", r + ["--zero_shot", "true"])
-    summary, trained = read_json(tmp_path / "eval" / "metrics.json"), read_json(tiny_pipeline / "eval" / "metrics.json")
-    assert summary["ranker"].startswith("zero-shot") and not (tmp_path / "ranker").exists()
-    assert set(summary["metrics"]) == {"ulmrec", "retriever"}  # no uid-only prompts without a user field
-    assert summary["metrics"]["retriever"] == trained["metrics"]["retriever"]
-    per_user = datasets.load_from_disk(str(tmp_path / "eval" / "per_user"))
-    prompts = datasets.load_from_disk(str(tmp_path / "tasks" / "next_item_test"))
-    assert not any("User:" in p for p in prompts["prompt"]) and not (tmp_path / "tasks" / "next_item_test_uid_only").exists()
-    letters = read_json(tmp_path / "tasks" / "mixture.json")["letter_token_ids"]
-    base = AutoModelForCausalLM.from_pretrained(tiny_llm)
-    user = per_user["user_id"][0]
-    expected = naive_scores(base, load_tokenizer(tiny_llm), [prompts[prompts["user_id"].index(user)]["prompt"]], letters)[0]
-    np.testing.assert_allclose(per_user["scores"][0], expected, rtol=1e-4, atol=1e-4)
+    run = copy_stages(tiny_pipeline, tmp_path, ("prepare", "retrieve", "preferences"))
+    run_stage("index", ["--run_dir", str(run), "--scheme", "none"])
+    run_stage("tasks", tasks_flags(run))
+    run_stage("evaluate", ["--run_dir", str(run), "--zero_shot", "true"])
+    summary, trained = read_json(run / "eval" / "metrics.json"), read_json(tiny_pipeline / "eval" / "metrics.json")
+    assert summary["ranker"].startswith("zero-shot") and not (run / "ranker").exists()
+    assert set(summary["test"]) == {"ranker", "fused", "retriever"}  # no uid-only prompts without a user field
+    assert summary["test"]["retriever"] == trained["test"]["retriever"]
+    per_user = datasets.load_from_disk(str(run / "eval" / "per_user"))["test"]
+    prompts = datasets.load_from_disk(str(run / "tasks" / "next_item_test"))
+    assert not any("User:" in p for p in prompts["prompt"])
+    letters = read_json(run / "tasks" / "mixture.json")["letter_token_ids"]
+    expected = naive_scores(AutoModelForCausalLM.from_pretrained(tiny_llm), load_tokenizer(tiny_llm), prompts["prompt"][:3], letters)
+    np.testing.assert_allclose(per_user["scores"][:3], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_recommend_matches_evaluate_order(tiny_pipeline):
-    from ulmrec_hf.recommend import recommend_users
+def test_a_qlora_ranker_is_evaluated_on_its_4bit_base(qlora_run):
+    from ulmrec_hf.ranker import load_ranker, score_prompts
 
-    per_user = datasets.load_from_disk(str(tiny_pipeline / "eval" / "per_user"))
-    tests = datasets.load_from_disk(str(tiny_pipeline / "tasks" / "next_item_test"))
-    users = per_user["user_id"][:3]
-    ranked = recommend_users(str(tiny_pipeline), [str(u) for u in users])
-    for u, result in zip(users, ranked):
-        row = per_user[per_user["user_id"].index(u)]
-        cands = tests[tests["user_id"].index(u)]["candidates"]
-        expected = [cands[i] for i in np.argsort(-np.array(row["scores"]), kind="stable")]
-        assert [item for item, _, _ in result] == expected
-
-
-def test_recommend_serves_users_the_retriever_missed(tiny_pipeline, capsys):
-    from ulmrec_hf.recommend import RecommendArguments
-    from ulmrec_hf.recommend import main as recommend
-
-    test = datasets.load_from_disk(str(tiny_pipeline / "retriever" / "candidates" / "test"))
-    missed = next(r for r in test if r["target_rank"] is None)
-    users = datasets.load_from_disk(str(tiny_pipeline / "data"))["users"]
-    name = users[users["user_id"].index(missed["user_id"])]["user"]
-    (ranked,) = recommend(RecommendArguments(run_dir=str(tiny_pipeline), user=[name], top_k=3))
-    assert sorted(item for item, _, _ in ranked) == sorted(missed["candidates"])
-    assert capsys.readouterr().out.count("score") == 3
-    with pytest.raises(UlmrecError, match="unknown user"):
-        recommend(RecommendArguments(run_dir=str(tiny_pipeline), user=["nobody"]))
+    config = read_json(qlora_run / "ranker" / "ranker_config.json")
+    assert config["quantization"] == "4bit-nf4" and config["double_quantization"] is True and config["dtype"] == "bfloat16"
+    run_stage("evaluate", ["--run_dir", str(qlora_run), "--uid_only", "false"])
+    summary = read_json(qlora_run / "eval" / "metrics.json")
+    assert summary["loaded_as"] == "as trained (4bit-nf4, bfloat16)" and summary["validation_scores"].startswith("from training")
+    trained = np.array(read_json(qlora_run / "ranker" / "validation_scores.json")["scores"], dtype=np.float32)  # the trainer's own
+    model, tokenizer, config = load_ranker(qlora_run / "ranker")  # what evaluate loads
+    prompts = datasets.load_from_disk(str(qlora_run / "tasks" / "next_item_validation"))["prompt"]
+    np.testing.assert_allclose(score_prompts(model, tokenizer, prompts, config["letter_token_ids"]), trained, atol=1e-5, rtol=0)
+    check = read_json(qlora_run / "ranker" / "train_metrics.json")["reload_check"]
+    np.testing.assert_array_equal(score_prompts(model, tokenizer, check["prompts"], config["letter_token_ids"]),
+                                  np.array(check["scores"], dtype=np.float32))
 
 
-def test_push_dry_run_folders_reload(tiny_pipeline):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ulmrec_hf.push import PushArguments
-    from ulmrec_hf.push import main as push
-
-    out = push(PushArguments(run_dir=str(tiny_pipeline), dry_run=True))
-    model_dir, data_dir = out / "model", out / "dataset"
-    config = read_json(model_dir / "ranker_config.json")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(config["base_model"])
-    base.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(base, model_dir).eval()
-    prompts = datasets.load_from_disk(str(tiny_pipeline / "tasks" / "next_item_test"))["prompt"][:4]
-    reference, ref_tok, _ = load_ranker(tiny_pipeline / "ranker")
-    np.testing.assert_allclose(score_prompts(model, tokenizer, prompts, config["letter_token_ids"]),
-                               score_prompts(reference, ref_tok, prompts, config["letter_token_ids"]), atol=1e-5)
-    assert (model_dir / "README.md").read_text().startswith("---\nbase_model:")
-    users = datasets.load_dataset(str(data_dir), "users", split="train")
-    assert len(users) == 200 and datasets.load_from_disk(str(data_dir / "data"))["users"].num_rows == 200
-    assert len(datasets.load_dataset(str(data_dir), "user_index", split="train")) == 200
-    assert len(datasets.load_dataset(str(data_dir), "preferences", split="train")) == 200
+def test_merging_records_its_agreement_with_the_trained_model(tmp_path, qlora_run, copy_stages):
+    run = copy_stages(qlora_run, tmp_path, ("prepare", "retrieve", "preferences", "index", "tasks", "train"))
+    run_stage("evaluate", ["--run_dir", str(run), "--uid_only", "false", "--merge_adapter", "true"])
+    summary = read_json(run / "eval" / "metrics.json")
+    a = summary["merge_agreement"]
+    assert summary["loaded_as"] == "merged-bfloat16" and a["compared_with"] == "as trained (4bit-nf4, bfloat16)"
+    assert summary["validation_scores"] == "scored here"  # the merged model is another model: nothing reused
+    assert a["users"] == summary["users"]["validation"]["in_candidates"]
+    assert 0.0 <= a["top10_identical"] <= a["top10_same_set"] <= 1.0 and 0.0 <= a["top1_identical"] <= 1.0
+    assert "merged bf16 vs as trained" in (run / "eval" / "table.md").read_text()
+    with pytest.raises(UlmrecError, match="no adapter to merge"):
+        run_stage("evaluate", ["--run_dir", str(run), "--zero_shot", "true", "--merge_adapter", "true", "--overwrite"])
 
 
-def test_push_without_token_is_one_clear_error(tiny_pipeline, monkeypatch, tmp_path):
-    from ulmrec_hf.push import PushArguments
-    from ulmrec_hf.push import main as push
-
-    monkeypatch.setenv("HF_HOME", str(tmp_path))
-    monkeypatch.delenv("HF_TOKEN", raising=False)
-    with pytest.raises(UlmrecError, match="no Hugging Face token"):
-        push(PushArguments(run_dir=str(tiny_pipeline), model_repo="someone/ulmrec-test"))
+def test_agreement_counts_identical_orders():
+    a = np.array([[3.0, 2.0, 1.0] + [0.0] * 9, [1.0, 2.0, 3.0] + [0.0] * 9])
+    b = np.array([[3.0, 2.0, 1.0] + [0.0] * 9, [1.0, 3.0, 2.0] + [0.0] * 9])
+    assert agreement(a, b) == {"users": 2, "top1_identical": 0.5, "top10_identical": 0.5, "top10_same_set": 1.0}
 
 
-def test_explain_generates_from_an_index(tiny_pipeline, capsys):
-    from ulmrec_hf.recommend import ExplainArguments, explain
-
-    index = datasets.load_from_disk(str(tiny_pipeline / "user_index" / "index"))["index"][0]
-    text = explain(ExplainArguments(run_dir=str(tiny_pipeline), index=index[: index.index(">") + 1], max_new_tokens=5))
-    assert isinstance(text, str) and capsys.readouterr().out.startswith(index[: index.index(">") + 1])
-
-
-def test_gpu_speed_script_runs_on_a_tiny_config(tmp_path):
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_speed.py"
-    out = tmp_path / "gpu.json"
-    proc = subprocess.run([sys.executable, str(script), "--tiny", "--tokens", "64", "--out", str(out)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert result["shape"] == "tiny" and result["ranking_users_per_s"] > 0 and result["lora_training_tokens_per_s"] > 0
+def test_a_ranker_trained_on_other_tasks_is_refused_unless_given_explicitly(tmp_path, tiny_pipeline, copy_stages, tasks_flags):
+    run = copy_stages(tiny_pipeline, tmp_path, ("prepare", "retrieve", "preferences", "index", "tasks", "train"))
+    run_stage("tasks", tasks_flags(run, "--history_len", "3", "--overwrite"))
+    with pytest.raises(UlmrecError, match="was trained on other tasks"):
+        run_stage("evaluate", ["--run_dir", str(run), "--uid_only", "false"])
+    run_stage("evaluate", ["--run_dir", str(run), "--uid_only", "false", "--ranker", str(tiny_pipeline / "ranker")])
+    summary = read_json(run / "eval" / "metrics.json")
+    assert summary["ranker"] == str(tiny_pipeline / "ranker")
+    assert read_json(run / "eval" / "_COMPLETE")["settings"]["ranker_fingerprint"]

@@ -4,18 +4,18 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import shared
-from fake_openai import FakeOpenAI
-from ulmrec_hf.common import RunArguments, UlmrecError, read_json
+from fake_openai import FakeOpenAI, peak_overlap
+from ulmrec_hf.common import StageArguments, UlmrecError, read_json
+from ulmrec_hf.preferences import OFFLINE_LABEL, AnswerError, PreferenceArguments, Throttle, load_import, user_text, validate_answer
+from ulmrec_hf.preferences import main as preferences
 from ulmrec_hf.prepare import PrepareArguments
 from ulmrec_hf.prepare import main as prepare
-from ulmrec_hf.preferences import OFFLINE_LABEL, PreferenceArguments, validate_answer, AnswerError, user_text
-from ulmrec_hf.preferences import main as preferences
 
 N_USERS = 300
 
@@ -30,21 +30,19 @@ def tagged_run(tmp_path_factory) -> Path:
     (raw / "Toys_5.json.gz").write_bytes(gzip.compress("\n".join(json.dumps(r) for r in rows).encode()))
     (raw / "meta_Toys.json.gz").write_bytes(gzip.compress("\n".join(json.dumps({"asin": f"I{i:02d}", "title": f"Toy {i}"}) for i in range(30)).encode()))
     run = tmp_path_factory.mktemp("run")
-    prepare(RunArguments(run_dir=str(run)), PrepareArguments(input=str(raw)))
+    prepare(StageArguments(run_dir=str(run)), PrepareArguments(input=str(raw)))
     return run
 
 
-def fresh_run(tagged_run: Path, tmp_path: Path) -> Path:
-    import shutil
-
-    shutil.copytree(tagged_run / "data", tmp_path / "data")
-    return tmp_path
+@pytest.fixture
+def fresh_run(tagged_run, tmp_path, copy_stages):
+    return copy_stages(tagged_run, tmp_path, ("prepare",))
 
 
-def cli_args(run: Path, base_url: str) -> list[str]:
-    return [sys.executable, "-m", "ulmrec_hf.cli", "preferences", "--run", str(run), "--preference_backend", "openai",
-            "--base_url", base_url, "--preference_model", "fake-gpt", "--request_timeout", "0.5", "--max_retries", "3",
-            "--backoff_base", "0.01", "--backoff_max", "5", "--concurrency", "8"]
+def cli_args(run: Path, base_url: str, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "ulmrec_hf.cli", "preferences", "--run", str(run), "--backend", "openai", "--base_url", base_url,
+            "--model", "fake-gpt", "--request_timeout", "0.5", "--max_retries", "3", "--backoff_base", "0.01", "--backoff_max", "5",
+            "--concurrency", "8", *extra]
 
 
 def stored(run: Path) -> dict:
@@ -52,33 +50,118 @@ def stored(run: Path) -> dict:
     return {r["user"]: r["preference"] for r in rows}
 
 
-def test_faults_end_in_one_preference_or_a_listed_failure(tagged_run, tmp_path):
-    run = fresh_run(tagged_run, tmp_path)
+def cache_file(run: Path) -> Path:
+    return run / "cache" / "preferences" / "responses.jsonl"
+
+
+def test_faults_end_in_one_preference_or_a_listed_failure(fresh_run):
+    run = fresh_run
     with FakeOpenAI() as server:
         proc = subprocess.run(cli_args(run, server.base_url), capture_output=True, text=True, timeout=300)
-        requests = dict(server.requests)
+        requests, payloads = dict(server.requests), dict(server.payloads)
     assert proc.returncode == 2 and "users have no preference" in proc.stderr
     prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
     always_broken = {f"R{u:04d}" for u in range(N_USERS) if u % 25 == 7}
     assert set(failures) == always_broken and all("500" in r for r in failures.values())
     assert set(prefs) | set(failures) == {f"R{u:04d}" for u in range(N_USERS)} and not set(prefs) & set(failures)
     for user, text in prefs.items():
-        assert text == f"User u{user[1:]} prefers gentle u{user[1:]} things."
+        assert text == f"User u{user[1:]} prefers gentle u{user[1:]} things."  # never the cut-off answer of the 6s
     for u in range(N_USERS):
         tag = f"u{u:04d}"
-        expected = 4 if u % 25 == 7 else 2 if (u % 10 in (2, 3, 4, 5) or u % 50 == 1) else 1
+        expected = 4 if u % 25 == 7 else 2 if (u % 10 in (2, 3, 4, 5, 6) or u % 50 == 1) else 1
         assert len(requests[tag]) == expected, (tag, len(requests[tag]))
+        assert all(p["max_tokens"] == 64 for p in payloads[tag])  # every request is sized to one sentence
         if u % 50 == 1 and u % 25 != 7:
             assert requests[tag][1] - requests[tag][0] >= 1.0  # Retry-After honoured
+        if u % 10 == 3 and u % 25 != 7:
+            assert requests[tag][1] - requests[tag][0] >= 1.0  # a timeout (0.5 s) then at least request_timeout more
     summary = read_json(run / "preferences" / "summary.json")
     assert summary["done"] == N_USERS - len(always_broken) and summary["failed"] == len(always_broken)
-    assert summary["tokens_completion_tokens"] == 9 * summary["done"]
+    answers = sum(1 + (u % 10 in (5, 6)) for u in range(N_USERS) if u % 25 != 7)  # every 200 reply, the rejected ones included
+    assert summary["completion_tokens"] == 9 * answers
+    assert summary["requests"] == sum(len(v) for v in requests.values())
+    assert summary["retries"]["invalid: answer cut off at max_tokens=64"] == sum(1 for u in range(N_USERS) if u % 10 == 6 and u % 25 != 7)
+    assert summary["retries"]["timeout"] >= 1 and summary["retries"]["rate_limit"] >= 1
+    assert summary["invalid_answer_retry"] == {"temperature": 0.7, "seed": "42 + attempt"}
     assert not (run / "preferences" / "_COMPLETE").exists()
 
 
-def test_killed_run_resumes_without_repeating_requests(tagged_run, tmp_path):
-    run = fresh_run(tagged_run, tmp_path)
-    cache = run / "preferences" / "cache.jsonl"
+def test_a_retry_after_an_invalid_answer_changes_the_request(fresh_run):
+    run = fresh_run
+    with FakeOpenAI() as server:
+        subprocess.run(cli_args(run, server.base_url, "--max_users", "30"), capture_output=True, text=True, timeout=300)
+        payloads = dict(server.payloads)
+    for tag in ("u0005", "u0015", "u0006", "u0016"):  # empty answers and cut-off answers
+        first, retry = payloads[tag]
+        assert first["temperature"] == 0.0 and "seed" not in first
+        assert retry["temperature"] == 0.7 and retry["seed"] == 43 and retry["messages"] == first["messages"]
+    for tag in ("u0002", "u0003"):  # a 500 and a timeout: the same request again
+        first, retry = payloads[tag]
+        assert retry == first
+
+
+def test_the_throttle_halves_after_a_timeout_and_grows_back():
+    throttle = Throttle(8)
+    throttle.timed_out()
+    throttle.timed_out()
+    assert throttle.limit == 2 and throttle.lowest == 2
+    entered = []
+
+    def worker():
+        with throttle:
+            entered.append(time.time())
+            time.sleep(0.2)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    start = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(round(t - start, 1) for t in entered) == [0.0, 0.0, 0.2, 0.2]  # at most two in flight
+    throttle.answered()
+    assert throttle.limit == 2
+    throttle.answered()
+    assert throttle.limit == 3  # one more after `limit` answers
+
+
+def test_concurrency_drops_after_timeouts(fresh_run):
+    """Eight users whose first request is slower than the timeout: their eight retries must not hit the server together."""
+    run = fresh_run
+    with FakeOpenAI(slow_seconds=1.0, delay=0.1, slow_users=set(range(8)), faults=False) as server:
+        subprocess.run(cli_args(run, server.base_url, "--max_users", "8", "--request_timeout", "0.3", "--backoff_base", "0.001"),
+                       capture_output=True, text=True, timeout=300)
+        intervals = list(server.intervals)
+    summary = read_json(run / "preferences" / "summary.json")
+    first = [(s, e) for _, attempt, s, e in intervals if attempt == 1]
+    retries = [(s, e) for _, attempt, s, e in intervals if attempt > 1]
+    assert peak_overlap(first) == 8 and len(retries) >= 8  # all eight were in flight, then all timed out
+    assert summary["lowest_concurrency"] == 1 and summary["retries"]["timeout"] == 8
+    assert peak_overlap(retries) <= 3  # one at a time after the timeouts, growing back by one per answered `limit`
+
+
+def test_budget_stop_leaves_a_resumable_cache(fresh_run):
+    run = fresh_run
+    with FakeOpenAI() as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "40", "--token_budget", "2500"), capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2 and "stopped by the token budget (2500)" in proc.stderr
+        summary = read_json(run / "preferences" / "summary.json")
+        assert summary["prompt_tokens"] + summary["completion_tokens"] <= 2500
+        assert 0 < summary["not_asked_budget"] < 40
+        answered = {json.loads(line)["user"] for line in cache_file(run).read_text().splitlines()}
+        assert answered and not (run / "preferences" / "_COMPLETE").exists()
+        mark = time.time()
+        again = subprocess.run(cli_args(run, server.base_url, "--max_users", "40"), capture_output=True, text=True, timeout=300)
+        asked_again = {tag for tag, times in server.requests.items() if any(t > mark for t in times)}
+    assert again.returncode == 2  # user 7 always fails
+    assert not asked_again & {f"u{u[1:]}" for u in answered}
+    assert read_json(run / "preferences" / "summary.json")["cached"] == len(answered)
+
+
+def test_killed_run_resumes_without_repeating_requests(fresh_run):
+    run = fresh_run
+    cache = cache_file(run)
     with FakeOpenAI(delay=0.05, slow_seconds=0.6) as server:
         proc = subprocess.Popen(cli_args(run, server.base_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 120
@@ -86,7 +169,6 @@ def test_killed_run_resumes_without_repeating_requests(tagged_run, tmp_path):
             time.sleep(0.02)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        killed_at = time.time()
         done_before = {json.loads(line)["user"] for line in cache.read_text().splitlines() if line.endswith("}")}
         assert 60 <= len(done_before) < N_USERS - 12
         time.sleep(0.7)  # let requests of the killed process drain
@@ -97,23 +179,30 @@ def test_killed_run_resumes_without_repeating_requests(tagged_run, tmp_path):
     assert not after & {f"u{u[1:]}" for u in done_before}
     prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
     assert len(prefs) + len(failures) == N_USERS and len(failures) == 12
-    assert killed_at < mark
+    assert read_json(run / "preferences" / "summary.json")["cached"] >= len(done_before)
 
 
-def test_offline_keywords_covers_everyone_and_is_labelled(tagged_run, tmp_path):
-    run = fresh_run(tagged_run, tmp_path)
-    preferences(RunArguments(run_dir=str(run)), PreferenceArguments(preference_backend="offline-keywords"))
-    prefs = stored(run)
+def test_offline_keywords_covers_everyone_and_is_labelled(fresh_run):
+    preferences(StageArguments(run_dir=str(fresh_run)), PreferenceArguments(backend="offline-keywords"))
+    prefs = stored(fresh_run)
     assert len(prefs) == N_USERS and all(p.startswith(OFFLINE_LABEL) for p in prefs.values())
     assert "lovely" in prefs["R0000"] or "scent" in prefs["R0000"]
 
 
-def test_import_reports_missing_users(tagged_run, tmp_path):
-    run = fresh_run(tagged_run, tmp_path)
+def test_import_reports_missing_users(fresh_run, tmp_path):
     (tmp_path / "prefs.json").write_text(json.dumps({f"R{u:04d}": f"likes {u}" for u in range(N_USERS - 2)} | {"stranger": "x"}))
     with pytest.raises(UlmrecError, match="2 of 300 users have no preference"):
-        preferences(RunArguments(run_dir=str(run)), PreferenceArguments(preference_backend="import", preferences_file=str(tmp_path / "prefs.json")))
-    assert read_json(run / "preferences" / "failures.json") == {"R0298": f"not in {tmp_path / 'prefs.json'}", "R0299": f"not in {tmp_path / 'prefs.json'}"}
+        preferences(StageArguments(run_dir=str(fresh_run)), PreferenceArguments(backend="import", import_file=str(tmp_path / "prefs.json")))
+    assert read_json(fresh_run / "preferences" / "failures.json") == {"R0298": f"not in {tmp_path / 'prefs.json'}",
+                                                                      "R0299": f"not in {tmp_path / 'prefs.json'}"}
+
+
+def test_import_names_the_line_of_a_bad_byte(tmp_path):
+    lines = [json.dumps({"user": f"U{i}", "preference": "likes soap"}).encode() for i in range(50)]
+    lines[36] = b'{"user": "U36", "preference": "likes caf\xe9"}'
+    (tmp_path / "prefs.jsonl").write_bytes(b"\n".join(lines))
+    with pytest.raises(UlmrecError, match=r"prefs\.jsonl:37: not UTF-8 text"):
+        load_import(str(tmp_path / "prefs.jsonl"))
 
 
 def test_answer_validation():
@@ -131,21 +220,20 @@ def test_review_budget_keeps_newest_first():
     assert cut == {"entries_used": 2, "entries_total": 3}
 
 
-def test_missing_api_key_is_one_clear_error(tagged_run, tmp_path, monkeypatch):
-    run = fresh_run(tagged_run, tmp_path)
+def test_missing_api_key_is_one_clear_error(fresh_run, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     with pytest.raises(UlmrecError, match=r"no API key in \$OPENAI_API_KEY"):
-        preferences(RunArguments(run_dir=str(run)), PreferenceArguments(preference_backend="openai"))
+        preferences(StageArguments(run_dir=str(fresh_run)), PreferenceArguments(backend="openai"))
 
 
-def test_import_beauty_preferences(tmp_path):
-    folder = shared("amazon-beauty-ulmrec")
-    prepare(RunArguments(run_dir=str(tmp_path)), PrepareArguments(input=str(folder / "dataset.json")))
-    args = PreferenceArguments(preference_backend="import", preferences_file=str(folder / "preferences.json"))
+def test_import_beauty_preferences(tmp_path, shared_data):
+    folder = shared_data("amazon-beauty-ulmrec")
+    prepare(StageArguments(run_dir=str(tmp_path)), PrepareArguments(input=str(folder / "dataset.json")))
+    args = PreferenceArguments(backend="import", import_file=str(folder / "preferences.json"))
     with pytest.raises(UlmrecError, match="43 of 22332 users have no preference.*empty preference in the imported file"):
-        preferences(RunArguments(run_dir=str(tmp_path)), args)
-    args.preference_fallback = "offline-keywords"  # the authors' file has 43 empty sentences
-    preferences(RunArguments(run_dir=str(tmp_path)), args)
+        preferences(StageArguments(run_dir=str(tmp_path)), args)
+    args.fallback = "offline-keywords"  # the authors' file has 43 empty sentences
+    preferences(StageArguments(run_dir=str(tmp_path), overwrite=True), args)
     prefs = stored(tmp_path)
     assert len(prefs) == 22332
     labelled = [p for p in prefs.values() if p.startswith(OFFLINE_LABEL)]

@@ -1,5 +1,6 @@
 import gzip
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -7,16 +8,13 @@ from pathlib import Path
 import datasets
 import pytest
 
-from conftest import shared
-from ulmrec_hf.common import RunArguments, UlmrecError, read_json
-from ulmrec_hf.demo_data import DemoDataArguments
-from ulmrec_hf.demo_data import main as demo_main
+from ulmrec_hf.common import StageArguments, UlmrecError, read_json
 from ulmrec_hf.prepare import PrepareArguments, clean_title, k_core, leave_one_out
 from ulmrec_hf.prepare import main as prepare
 
 
 def run_prepare(run_dir, **kw):
-    out = prepare(RunArguments(run_dir=str(run_dir)), PrepareArguments(**kw))
+    out = prepare(StageArguments(run_dir=str(run_dir)), PrepareArguments(**kw))
     return datasets.load_from_disk(str(out)), read_json(out / "stats.json")
 
 
@@ -40,12 +38,6 @@ def write_2018(folder: Path, rows, titles=None, meta_lines=None):
     titles = titles or {f"I{i}": f"Item {i}" for i in range(6)}
     write_lines(folder / "meta_Toys.json.gz", meta_lines or [json.dumps({"asin": a, "title": t}) for a, t in titles.items()])
     return folder
-
-
-def test_demo_data_is_deterministic(tmp_path, demo_raw):
-    demo_main(RunArguments(run_dir=str(tmp_path)), DemoDataArguments(demo_output=str(tmp_path)))
-    for name in ("Demo_5.json.gz", "meta_Demo.json.gz"):
-        assert (tmp_path / name).read_bytes() == (demo_raw / name).read_bytes()
 
 
 def test_demo_prepare_filters_titles_and_k_core(demo_run):
@@ -75,7 +67,7 @@ def test_two_runs_give_byte_identical_datasets(tmp_path, demo_raw):
     files = sorted(p.relative_to(tmp_path / "a" / "data") for p in (tmp_path / "a" / "data").rglob("*") if p.is_file())
     assert any(str(f).endswith(".arrow") for f in files)
     for f in files:
-        if f.name != "stats.json":  # holds the wall time
+        if f.name not in ("stats.json", "_COMPLETE", "_STAGE.json"):  # wall time and start/finish times
             assert (tmp_path / "a" / "data" / f).read_bytes() == (tmp_path / "b" / "data" / f).read_bytes(), f
 
 
@@ -188,18 +180,28 @@ def test_cli_reports_one_line_errors(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_finished_stage_is_skipped_unless_overwrite(tmp_path, demo_raw):
+def test_the_input_content_not_its_path_is_the_setting(tmp_path, demo_raw):
     run_prepare(tmp_path, input=str(demo_raw))
     marker = tmp_path / "data" / "stats.json"
     before = marker.stat().st_mtime_ns
-    run_prepare(tmp_path, input=str(demo_raw))
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(demo_raw, moved)
+    run_prepare(tmp_path, input=str(moved))  # the same files in another folder: still finished
     assert marker.stat().st_mtime_ns == before
-    prepare(RunArguments(run_dir=str(tmp_path), overwrite=True), PrepareArguments(input=str(demo_raw)))
-    assert marker.stat().st_mtime_ns != before
 
 
-def test_beauty_import_matches_the_paper(tmp_path):
-    path = shared("amazon-beauty-ulmrec") / "dataset.json"
+def test_bad_bytes_are_reported_with_their_line(tmp_path):
+    lines = [json.dumps(r).encode() for r in grid_reviews()]
+    lines[20] = lines[20].replace(b"U3 on", b"U3 \xe9 on")
+    folder = tmp_path / "raw"
+    write_2018(folder, [])
+    (folder / "Toys_5.json.gz").write_bytes(gzip.compress(b"\n".join(lines) + b"\n"))
+    with pytest.raises(UlmrecError, match=r"Toys_5\.json\.gz:21: not UTF-8 text"):
+        run_prepare(tmp_path / "run", input=str(folder))
+
+
+def test_beauty_import_matches_the_paper(tmp_path, shared_data):
+    path = shared_data("amazon-beauty-ulmrec") / "dataset.json"
     data, stats = run_prepare(tmp_path, input=str(path))
     assert (stats["users"], stats["items"], stats["interactions"]) == (22332, 12086, 198215)
     raw = json.loads(path.read_text())
@@ -209,8 +211,8 @@ def test_beauty_import_matches_the_paper(tmp_path):
         assert [val] == raw["val"][key] and [test] == raw["test"][key]
 
 
-def test_gift_cards_2018_raw(tmp_path):
-    data, stats = run_prepare(tmp_path, input=str(shared("amazon-gift-cards-2018")))
+def test_gift_cards_2018_raw(tmp_path, shared_data):
+    data, stats = run_prepare(tmp_path, input=str(shared_data("amazon-gift-cards-2018")))
     assert stats["source"]["format"] == "amazon2018"
     assert stats["users"] > 400 and stats["items"] > 100 and all(data["items"]["title"])
     assert all(stats["signals"].values())

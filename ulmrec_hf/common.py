@@ -1,5 +1,6 @@
-"""Shared pieces of every stage: run arguments, errors, run-directory helpers."""
+"""Pieces every stage shares: the run arguments, the user-facing error, atomic JSON files, recorded settings."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,47 +16,28 @@ class UlmrecError(Exception):
 
 @dataclass
 class RunArguments:
-    """Where a run lives and how stages treat earlier output."""
+    """Which run a command works on."""
 
+    _argument_group_name = "run"
     run_dir: str = field(default="runs/demo", metadata={"help": "Run directory shared by all stages.", "aliases": ["--run"]})
-    overwrite: bool = field(default=False, metadata={"help": "Redo a stage even if its output is complete."})
-    seed: int = field(default=42, metadata={"help": "Seed for every random choice of the stage."})
 
 
-def stage_dir(run_args: RunArguments, name: str) -> Path:
-    return Path(run_args.run_dir) / name
+@dataclass
+class StageArguments(RunArguments):
+    """A pipeline stage: which run, and what to do with output that already exists."""
+
+    overwrite: bool = field(default=False, metadata={"help": "Delete this stage's output and compute it again."})
 
 
-def is_complete(path: Path) -> bool:
-    """A stage marks its output complete by writing `_COMPLETE` last."""
-    return (path / "_COMPLETE").exists()
-
-
-def mark_complete(path: Path, info: dict | None = None) -> None:
-    write_json(path / "_COMPLETE", info or {})
-
-
-def should_skip(run_args: RunArguments, path: Path, stage: str) -> bool:
-    if is_complete(path) and not run_args.overwrite:
-        logger.info("%s: output in %s is complete; skipping (use --overwrite to redo)", stage, path)
-        return True
-    if run_args.overwrite and is_complete(path):
-        (path / "_COMPLETE").unlink()
-    return False
-
-
-def require(path: Path, command: str) -> Path:
-    """A finished stage output, or a clear error naming the command that makes it."""
-    if not is_complete(path):
-        raise UlmrecError(f"{path}: missing or unfinished; run `ulmrec {command}` first")
-    return path
-
-
-def load_prepared(run_args: RunArguments):
-    """The prepared `DatasetDict` of a run (users, items)."""
-    import datasets
-
-    return datasets.load_from_disk(str(require(stage_dir(run_args, "data"), "prepare")))
+def settings_of(*configs, exclude: tuple[str, ...] = ()) -> dict:
+    """The fields of argument dataclasses that decide a stage's output; a class lists the others in `_operational`."""
+    out = {}
+    for config in configs:
+        skip = set(getattr(config, "_operational", ())) | set(exclude) | {"run_dir", "overwrite"}
+        for f in dataclasses.fields(config):
+            if f.name not in skip:
+                out[f.name] = getattr(config, f.name)
+    return json.loads(json.dumps(out, default=str))
 
 
 def write_json(path: Path, obj, indent: int = 2) -> None:
@@ -64,7 +46,7 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=indent, sort_keys=False, ensure_ascii=False)
+        json.dump(obj, f, indent=indent, sort_keys=False, ensure_ascii=False, default=str)
         f.write("\n")
         f.flush()
         os.fsync(f.fileno())
@@ -74,3 +56,33 @@ def write_json(path: Path, obj, indent: int = 2) -> None:
 def read_json(path: Path):
     with open(path) as f:
         return json.load(f)
+
+
+def text_lines(path: Path):
+    """(line number, text) of each line of a text file, gzip or not. Lines are decoded one by one, so a bad byte is
+    reported on its own line (a text stream decodes ahead of the line it hands out)."""
+    import gzip
+    import zlib
+
+    path, n = Path(path), 0
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UlmrecError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise UlmrecError(f"{path}: corrupt or truncated file after line {n} ({e})") from None
+    except OSError as e:
+        raise UlmrecError(f"{path}: cannot read after line {n} ({e.strerror or e})") from None
+
+
+def read_text(path: Path) -> str:
+    """A whole UTF-8 file; a bad byte is reported with its line number."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UlmrecError(f"{path}:{line}: not UTF-8 text ({e.reason})") from None

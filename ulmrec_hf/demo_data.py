@@ -2,9 +2,12 @@
 
 Planted structure (all seeded):
 - Items have a category and a style, and both appear in the title ("Lumera Vegan Matte Lipstick No. 3").
+- Items come in series of `series_size` of one category sharing brand, style and line ("Lumera Vegan Matte
+  Lipstick No. 1" .. "No. 4"); an item's successor is the next one of its series (the last wraps to the first).
 - Each user has a favourite category, a second category and a favourite style (the latent taste).
 - Sequences follow taste plus item-to-item transitions: with probability `transition_prob` the next item
-  is the current item's fixed successor in its category; otherwise it is drawn by taste match.
+  is the current item's successor; otherwise it is drawn by taste match. A sequential retriever learns the
+  transitions from co-occurrence; an LLM can read them from the titles.
 - Ratings and review texts reflect the match between taste and item: a full match gives 5 stars and
   praise naming the style; a category-only match 4; a mismatch 1-3 with a complaint.
 - A few items have no title (or an HTML-escaped one), so the title filter is exercised too.
@@ -16,7 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, write_json
+from .common import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -36,35 +39,43 @@ PRAISE = {
 
 @dataclass
 class DemoDataArguments:
-    demo_output: str = field(default="runs/demo/raw", metadata={"help": "Folder for Demo_5.json.gz and meta_Demo.json.gz."})
-    demo_users: int = field(default=200, metadata={"help": "Number of synthetic users."})
-    demo_items: int = field(default=96, metadata={"help": "Number of synthetic items."})
-    demo_min_length: int = field(default=6, metadata={"help": "Shortest user sequence."})
-    demo_max_length: int = field(default=14, metadata={"help": "Longest user sequence."})
+    _argument_group_name = "demo-data"
+    output: str = field(default="runs/demo/raw", metadata={"help": "Folder for Demo_5.json.gz and meta_Demo.json.gz."})
+    seed: int = field(default=42, metadata={"help": "Seed of the synthetic catalogue and users."})
+    users: int = field(default=200, metadata={"help": "Number of synthetic users."})
+    items: int = field(default=96, metadata={"help": "Number of synthetic items."})
+    min_length: int = field(default=6, metadata={"help": "Shortest user sequence."})
+    max_length: int = field(default=14, metadata={"help": "Longest user sequence."})
     transition_prob: float = field(default=0.5, metadata={"help": "Chance that the next item is the current item's successor."})
+    series_size: int = field(default=4, metadata={"help": "Items per series (same brand, style and line; numbered)."})
 
 
-def make_items(rng, n: int) -> list[dict]:
+ARGUMENTS = (DemoDataArguments,)
+
+
+def make_items(rng, n: int, series_size: int) -> list[dict]:
+    """Series of `series_size` items of one category sharing brand, style and line, numbered within the series."""
     items = []
     for i in range(n):
-        cat, style = CATEGORIES[i % len(CATEGORIES)], STYLES[int(rng.integers(len(STYLES)))]
-        brand, adj = BRANDS[int(rng.integers(len(BRANDS)))], ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
-        title = f"{brand} {style} {adj} {cat} No. {i // len(CATEGORIES) + 1}"
-        items.append({"asin": f"B0DEMO{i:04d}", "category": cat, "style": style, "brand": brand, "title": title})
+        series, number = divmod(i, series_size)
+        if number == 0:
+            cat = CATEGORIES[series % len(CATEGORIES)]
+            style, brand = STYLES[int(rng.integers(len(STYLES)))], BRANDS[int(rng.integers(len(BRANDS)))]
+            adj = ADJECTIVES[int(rng.integers(len(ADJECTIVES)))]
+        items.append({"asin": f"B0DEMO{i:04d}", "category": cat, "style": style, "brand": brand, "series": series,
+                      "title": f"{brand} {style} {adj} {cat} No. {number + 1}"})
     # Documented defects that prepare must handle: two untitled items and one HTML-escaped title.
     items[5]["title"], items[11]["title"] = None, "   "
     items[7]["title"] = items[7]["title"].replace(" ", " &amp; ", 1)
     return items
 
 
-def successors(rng, items: list[dict]) -> dict[int, int]:
-    """A fixed random cycle through each category's items: the planted item-to-item transitions."""
-    nxt = {}
-    for cat in CATEGORIES:
-        idx = [i for i, it in enumerate(items) if it["category"] == cat]
-        order = [idx[j] for j in rng.permutation(len(idx))]
-        nxt.update({a: b for a, b in zip(order, order[1:] + order[:1])})
-    return nxt
+def successors(items: list[dict]) -> dict[int, int]:
+    """The next item of each item's series, the last wrapping to the first: the planted item-to-item transitions."""
+    members = {}
+    for i, it in enumerate(items):
+        members.setdefault(it["series"], []).append(i)
+    return {a: group[(k + 1) % len(group)] for group in members.values() for k, a in enumerate(group)}
 
 
 def match(item: dict, taste: dict) -> int:
@@ -87,14 +98,14 @@ def review(rng, item: dict, taste: dict) -> tuple[float, str, str]:
 
 
 def make_users(rng, items: list[dict], args: DemoDataArguments) -> list[dict]:
-    nxt = successors(rng, items)
+    nxt = successors(items)
     rows = []
-    for u in range(args.demo_users):
+    for u in range(args.users):
         cats = [CATEGORIES[int(c)] for c in rng.choice(len(CATEGORIES), size=2, replace=False)]
         taste = {"categories": cats, "style": STYLES[int(rng.integers(len(STYLES)))]}
         weights = [[0.2, 3.0, 12.0][match(it, taste)] * (1.5 if it["category"] == cats[0] else 1.0) for it in items]
         probs = [w / sum(weights) for w in weights]
-        length = int(rng.integers(args.demo_min_length, args.demo_max_length + 1))
+        length = int(rng.integers(args.min_length, args.max_length + 1))
         user = f"AD{int(rng.integers(16**10)):010X}{u:03d}"
         t = 1_400_000_000 + int(rng.integers(0, 30_000_000))
         seen, cur = set(), int(rng.choice(len(items), p=probs))
@@ -117,20 +128,17 @@ def write_gz_jsonl(path: Path, rows: list[dict]) -> None:
             f.write((json.dumps(row) + "\n").encode())
 
 
-def main(run_args: RunArguments, args: DemoDataArguments) -> Path:
+def main(args: DemoDataArguments) -> Path:
+    """Writes the files every time (under a second): the same arguments give byte-identical files."""
     import numpy as np
 
-    out = Path(args.demo_output)
-    reviews, meta = out / "Demo_5.json.gz", out / "meta_Demo.json.gz"
-    if reviews.exists() and meta.exists() and not run_args.overwrite:
-        logger.info("demo-data: %s already exists; skipping", out)
-        return out
+    out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(run_args.seed)
-    items = make_items(rng, args.demo_items)
+    rng = np.random.default_rng(args.seed)
+    items = make_items(rng, args.items, args.series_size)
     rows = make_users(rng, items, args)
-    write_gz_jsonl(meta, [{"asin": it["asin"], "title": it["title"], "brand": it["brand"], "category": ["Beauty", it["category"]]} for it in items])
-    write_gz_jsonl(reviews, rows)
+    write_gz_jsonl(out / "meta_Demo.json.gz", [{"asin": it["asin"], "title": it["title"], "brand": it["brand"], "category": ["Beauty", it["category"]]} for it in items])
+    write_gz_jsonl(out / "Demo_5.json.gz", rows)
     write_json(out / "planted_structure.json", {"items": items, "transition_prob": args.transition_prob})
-    logger.info("demo-data: %d reviews of %d items by %d users -> %s", len(rows), len(items), args.demo_users, out)
+    logger.info("demo-data: %d reviews of %d items by %d users -> %s", len(rows), len(items), args.users, out)
     return out

@@ -1,8 +1,13 @@
-"""Evaluation stage: the paper's Table 2 (and Table 4 "uid-only") on the test users.
+"""Evaluation stage: the paper's Table 2 (and Table 4 "uid-only"), plus a fused row beyond the paper.
 
-- rank: users whose ground truth is among the 20 candidates.
-- overall: every test user; a user whose ground truth was not retrieved counts 0 (per user, no rescaling).
-The retriever's own ordering is reported on the same users. The candidate order used is recorded.
+- rank: users whose ground truth is among the candidates; overall: every sampled user, 0 where the ground truth was not
+  retrieved (per user, no rescaling).
+- ranker: the trained adapter on the base exactly as trained (or `--zero_shot`: the base LLM alone; or
+  `--merge_adapter`: merged into a bf16 base, with its agreement with the as-trained model on validation recorded).
+- fused: z(retriever score) + w * z(letter log-prob) over each user's candidates. `w` is chosen on validation users by
+  NDCG@10 from `fusion_weights` (which includes 0, the retriever alone): the smallest w within one paired standard
+  error of the best (a gain smaller than that is noise on a few hundred users). Test users never inform it.
+- retriever: the retriever's own order on the same users.
 """
 
 import logging
@@ -11,83 +16,226 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RunArguments, mark_complete, read_json, require, should_skip, stage_dir, write_json
+from .common import StageArguments, UlmrecError, settings_of, write_json
+from .layout import RunDir
+from .metrics import rank_and_overall
 
 logger = logging.getLogger(__name__)
-KS = (5, 10)
+FUSION_WEIGHTS = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
 
 
 @dataclass
 class EvaluateArguments:
-    eval_batch_size: int = field(default=8, metadata={"help": "Users scored at once."})
-    eval_split: str = field(default="test", metadata={"help": "Split to evaluate.", "choices": ["test", "validation"]})
+    _argument_group_name = "evaluate"
+    _operational = ('batch_size', 'max_batch_tokens')  # fields that do not change the output (left out of the recorded settings)
+    batch_size: int = field(default=8, metadata={"help": "Users scored at once."})
+    max_batch_tokens: int | None = field(default=None, metadata={"help": "Also cap a batch's padded tokens (useful on GPUs)."})
     uid_only: bool = field(default=True, metadata={"help": "Also score the uid-only prompts (index, no history: Table 4)."})
     zero_shot: bool = field(default=False, metadata={"help": "Score the tasks stage's base LLM without an adapter (no `train` needed)."})
     zero_shot_dtype: str = field(default="float32", metadata={"help": "Weights dtype of the zero-shot model.", "choices": ["float32", "bfloat16", "float16"]})
+    merge_adapter: bool = field(default=False, metadata={"help": "Merge the adapter into a bf16 base (faster on GPUs); records agreement with the as-trained model on validation."})
+    ranker: str | None = field(default=None, metadata={"help": "Score this ranker folder (e.g. one trained in another run on the same training rows) instead of this run's; recorded in metrics.json."})
+    fusion_weights: list[float] = field(default_factory=lambda: list(FUSION_WEIGHTS), metadata={"help": "Grid of w for the fused row (must include 0)."})
 
 
-def rank_and_overall(ranks: list[int], total_users: int) -> dict:
-    """Rank metrics over the scored users and overall metrics over all users (missing users count 0)."""
-    from .metrics import metrics_from_ranks
-
-    rank = metrics_from_ranks(ranks, ks=KS)
-    overall = metrics_from_ranks(list(ranks) + [None] * (total_users - len(ranks)), ks=KS)
-    return {"rank": rank, "overall": overall}
+ARGUMENTS = (StageArguments, EvaluateArguments)
 
 
-def main(run_args: RunArguments, args: EvaluateArguments) -> Path:
+def zscore(x: np.ndarray) -> np.ndarray:
+    std = x.std(axis=1, keepdims=True)
+    return (x - x.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def fuse(retriever_scores: np.ndarray, letter_scores: np.ndarray, w: float) -> np.ndarray:
+    """z(retriever) + w * z(letter log-prob); log-softmax only shifts a row, so z of the logits is the same."""
+    return zscore(retriever_scores) + w * zscore(letter_scores)
+
+
+def ranks(scores: np.ndarray, gold: np.ndarray) -> list[int]:
+    from .ranker import ranks_from_scores
+
+    return ranks_from_scores(scores, gold).tolist()
+
+
+def choose_weight(weights: list[float], retriever_scores: np.ndarray, letter_scores: np.ndarray, gold: np.ndarray) -> tuple[float, dict]:
+    """w on these (validation) users: the smallest w whose rank NDCG@10 is within one standard error of the best w's
+    (the one-standard-error rule: with a few hundred users, a smaller gain than that is noise, and w = 0 is the retriever)."""
+    from .metrics import user_metrics
+
+    if 0.0 not in weights:
+        raise UlmrecError("evaluate: --fusion_weights must include 0 (the retriever alone)")
+    per_user = {w: np.array([user_metrics(r, ks=(10,))["ndcg@10"] for r in ranks(fuse(retriever_scores, letter_scores, w), gold)])
+                for w in sorted(weights)}
+    curve = {w: float(v.mean()) for w, v in per_user.items()}
+    best = max(curve, key=lambda w: (curve[w], -w))
+    se = {w: float((per_user[w] - per_user[best]).std(ddof=1) / np.sqrt(len(gold))) if len(gold) > 1 else 0.0 for w in per_user}
+    chosen = min(w for w in per_user if curve[w] >= max(curve[best] - se[w], curve[0.0]))  # never below the retriever alone
+    return chosen, {"best": best, "curve": {str(w): round(v, 6) for w, v in curve.items()},
+                    "paired_se_vs_best": {str(w): round(v, 6) for w, v in se.items()}}
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """How often two scorers give the same top-1 and the same top-10 (in order) per user."""
+    ta, tb = np.argsort(-a, axis=1, kind="stable"), np.argsort(-b, axis=1, kind="stable")
+    return {"users": len(a), "top1_identical": float((ta[:, 0] == tb[:, 0]).mean()), "top10_identical": float((ta[:, :10] == tb[:, :10]).all(1).mean()),
+            "top10_same_set": float(np.mean([set(x[:10]) == set(y[:10]) for x, y in zip(ta, tb)]))}
+
+
+def ranker_folder(run: RunDir, args: EvaluateArguments) -> Path:
+    """The ranker to score: this run's, which must have been trained on this run's tasks, or the one given."""
+    from .common import read_json
+
+    if args.ranker:
+        folder = Path(args.ranker)
+        if read_json(folder / "ranker_config.json")["letter_token_ids"] != run.mixture()["letter_token_ids"]:
+            raise UlmrecError(f"evaluate: {folder} reads other answer-letter ids than this run's prompts (another tokenizer)")
+        return folder
+    trained_on = read_json(run.require("train") / "_COMPLETE")["inputs"]["tasks"]
+    if trained_on != run.stage_fingerprint("tasks"):
+        raise UlmrecError(f"evaluate: {run.ranker} was trained on other tasks than {run.path('tasks')} holds now; "
+                          "run `ulmrec train --overwrite`, or score it explicitly with --ranker")
+    return run.ranker
+
+
+def load_model(run: RunDir, args: EvaluateArguments, merge: bool = False):
+    from .ranker import load_ranker, load_zero_shot
+
+    if args.zero_shot:
+        mixture = run.mixture()
+        return load_zero_shot(mixture["model_name_or_path"], run.index_tokens(), mixture["letter_token_ids"], args.zero_shot_dtype)
+    return load_ranker(ranker_folder(run, args), merge=merge)
+
+
+def score(model, tokenizer, config, data, args: EvaluateArguments, name: str) -> np.ndarray:
+    from .ranker import score_prompts
+
+    return score_prompts(model, tokenizer, data["prompt"], config["letter_token_ids"], args.batch_size, progress=f"scoring {name}",
+                         max_batch_tokens=args.max_batch_tokens)
+
+
+def validation_scores(run: RunDir, args: EvaluateArguments, model, tokenizer, config, validation) -> tuple[np.ndarray, str]:
+    """The ranker's validation scores: those training computed with the kept model when this is that model, as trained,
+    on the same prompts (the same numbers; one pass saved), else scored here."""
+    from .common import read_json
+    from .prompts import prompts_digest
+
+    saved = None if args.zero_shot or args.merge_adapter else ranker_folder(run, args) / "validation_scores.json"
+    if saved is not None and saved.exists():
+        record = read_json(saved)
+        if record["prompts_sha256"] == prompts_digest(validation["prompt"]):
+            logger.info("evaluate: validation scores of the kept model read from %s (same model, same prompts)", saved)
+            return np.array(record["scores"], dtype=np.float32), f"from training ({saved})"
+    return score(model, tokenizer, config, validation, args, "validation"), "scored here"
+
+
+def merge_check(run: RunDir, args: EvaluateArguments, validation) -> dict:
+    """Validation scores of the as-trained model, to compare with the merged one."""
+    model, tokenizer, config = load_model(run, args)
+    scores = score(model, tokenizer, config, validation, args, "validation (as trained)")
+    del model
+    return {"as_trained": scores, "loaded_as": config["loaded_as"]}
+
+
+def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     import datasets
 
-    from .ranker import load_ranker, load_zero_shot, ranks_from_scores, score_prompts
-
-    out = stage_dir(run_args, "eval")
-    if should_skip(run_args, out, "evaluate"):
-        return out
-    run = Path(run_args.run_dir)
-    require(run / "tasks", "tasks")
-    if not args.zero_shot:
-        require(run / "ranker", "train")
-    meta = read_json(run / "tasks" / "eval_meta.json")
-    total = meta[args.eval_split]["users"]
-    candidates = datasets.load_from_disk(str(run / "retriever" / "candidates" / args.eval_split))
-    target_rank = dict(zip(candidates["user_id"], candidates["target_rank"]))
-    model, tokenizer, config = load_zero_shot(run, args.zero_shot_dtype) if args.zero_shot else load_ranker(run / "ranker")
-    out.mkdir(parents=True, exist_ok=True)
-    results, per_user = {}, {}
-    for variant, name in (("", "ulmrec"), ("_uid_only", "ulmrec_uid_only")):
-        path = run / "tasks" / f"next_item_{args.eval_split}{variant}"
-        if not path.exists() or (variant and not args.uid_only):  # no uid-only set without a user index, or not asked for
-            continue
-        data = datasets.load_from_disk(str(path))
-        scores = score_prompts(model, tokenizer, data["prompt"], config["letter_token_ids"], args.eval_batch_size, progress=f"scoring {name}")
-        ranks = ranks_from_scores(scores, np.array(data["target_position"])).tolist()
-        results[name] = rank_and_overall(ranks, total)
-        per_user[name] = {"user_id": data["user_id"], "scores": scores.tolist(), "rank": ranks}
-    users = per_user["ulmrec"]["user_id"]
-    results["retriever"] = rank_and_overall([target_rank[u] for u in users], total)
-    summary = {"split": args.eval_split, "ranker": config.get("ranker", "adapter"), "candidate_order": config["candidate_order"], "users": total,
-               "users_in_candidates": len(users), "all_users_of_split": meta[args.eval_split]["all_users"],
-               "retriever_recall@20": len(users) / total,
-               "note": "overall = per-user mean over the evaluated users, 0 where the ground truth was not retrieved",
-               "metrics": results}
+    run = RunDir(stage.run_dir)
+    if args.zero_shot and (args.merge_adapter or args.ranker):
+        raise UlmrecError("evaluate: --zero_shot scores the base model; it has no adapter to merge or load")
+    inputs = ("tasks",) if args.zero_shot or args.ranker else ("tasks", "train")
+    settings = {**settings_of(args), "ranker_fingerprint": ranker_fingerprint(args.ranker)}
+    if not run.begin("evaluate", settings, stage.overwrite, inputs=inputs):
+        print(run.path("evaluate").joinpath("table.md").read_text())
+        return run.path("evaluate")
+    out, meta, mixture = run.path("evaluate"), run.eval_meta(), run.mixture()
+    validation, test = run.task("next_item_validation"), run.task("next_item_test")
+    checked = merge_check(run, args, validation) if args.merge_adapter else None
+    model, tokenizer, config = load_model(run, args, merge=args.merge_adapter)
+    summary = {"ranker": config["ranker"] if args.zero_shot else str(ranker_folder(run, args)), "loaded_as": config["loaded_as"], "protocol": mixture["protocol"],
+               "users": {split: meta[split] for split in ("validation", "test")}}
+    val_scores, summary["validation_scores"] = validation_scores(run, args, model, tokenizer, config, validation)
+    if checked:
+        summary["merge_agreement"] = {"compared_with": checked["loaded_as"], **agreement(checked["as_trained"], val_scores)}
+    w, choice = choose_weight(args.fusion_weights, np.array(validation["retriever_scores"]), val_scores, np.array(validation["target_position"]))
+    summary["fusion"] = {"weight": w, "chosen_on": "validation rank NDCG@10: the smallest w within one paired standard error of the best",
+                         "best_weight": choice["best"], "validation_ndcg@10_by_weight": choice["curve"],
+                         "paired_se_vs_best": choice["paired_se_vs_best"]}
+    summary["validation"] = split_metrics(validation, val_scores, w, meta["validation"]["users"])
+    test_scores = score(model, tokenizer, config, test, args, "test")
+    summary["test"] = split_metrics(test, test_scores, w, meta["test"]["users"])
+    per_user = {"validation": per_user_table(validation, val_scores, w), "test": per_user_table(test, test_scores, w)}
+    uid_only = run.task("next_item_test_uid_only")
+    if args.uid_only and uid_only is not None:
+        uid_scores = score(model, tokenizer, config, uid_only, args, "test uid-only")
+        uid_ranks = ranks(uid_scores, np.array(uid_only["target_position"]))
+        summary["test"]["ranker_uid_only"] = rank_and_overall(uid_ranks, meta["test"]["users"])
+        per_user["test"] = per_user["test"].add_column("rank_uid_only", uid_ranks)
+    untrained = None if args.zero_shot else untrained_validation(ranker_folder(run, args))
+    if untrained is not None:
+        summary["validation"]["untrained_rank_ndcg@10"] = untrained
     write_json(out / "metrics.json", summary)
-    columns = {"user_id": users, "scores": per_user["ulmrec"]["scores"], "rank": per_user["ulmrec"]["rank"]}
-    if "ulmrec_uid_only" in per_user:
-        columns["rank_uid_only"] = per_user["ulmrec_uid_only"]["rank"]
-    datasets.Dataset.from_dict(columns).save_to_disk(str(out / "per_user"))
+    datasets.DatasetDict(per_user).save_to_disk(str(out / "per_user"))
     table = markdown_table(summary)
     (out / "table.md").write_text(table)
     print(table)
-    mark_complete(out)
+    run.finish("evaluate")
     return out
 
 
+def split_metrics(data, scores: np.ndarray, w: float, total_users: int) -> dict:
+    gold = np.array(data["target_position"])
+    fused = ranks(fuse(np.array(data["retriever_scores"]), scores, w), gold)
+    return {"ranker": rank_and_overall(ranks(scores, gold), total_users), "fused": rank_and_overall(fused, total_users),
+            "retriever": rank_and_overall(data["retriever_rank"], total_users)}
+
+
+def per_user_table(data, scores: np.ndarray, w: float):
+    import datasets
+
+    gold = np.array(data["target_position"])
+    return datasets.Dataset.from_dict({"user_id": data["user_id"], "candidates": data["candidates"], "scores": scores.tolist(),
+                                       "rank": ranks(scores, gold), "fused_rank": ranks(fuse(np.array(data["retriever_scores"]), scores, w), gold),
+                                       "retriever_rank": data["retriever_rank"]})
+
+
+def untrained_validation(folder: Path) -> float | None:
+    """The untrained model's validation NDCG@10 that training measured (same validation users when the ranker is this run's)."""
+    from .common import read_json
+
+    metrics = read_json(folder / "train_metrics.json").get("untrained") if (folder / "train_metrics.json").exists() else None
+    return metrics["untrained_ndcg@10"] if metrics else None
+
+
+def ranker_fingerprint(folder: str | None) -> str | None:
+    """What identifies a ranker given with --ranker: its own completion record, or its adapter's bytes."""
+    import hashlib
+
+    if not folder:
+        return None
+    record = Path(folder) / "_COMPLETE"
+    data = record.read_bytes() if record.exists() else (Path(folder) / "adapter_model.safetensors").read_bytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def markdown_table(summary: dict) -> str:
-    cols = [f"{m}@{k}" for k in KS for m in ("mrr", "ndcg", "recall")]
+    cols = [f"{m}@{k}" for k in (5, 10) for m in ("mrr", "ndcg", "recall")]
+    test, users, w = summary["test"], summary["users"]["test"], summary["fusion"]["weight"]
     head = "| method | " + " | ".join(f"rank {c}" for c in cols) + " | " + " | ".join(f"overall {c}" for c in cols) + " |"
-    lines = [f"{summary['split']} users: {summary['users']} of {summary['all_users_of_split']} (ground truth in top 20: {summary['users_in_candidates']}); "
-             f"candidate order: {summary['candidate_order']}; ranker: {summary.get('ranker', 'adapter')}", "", head, "|---" * (1 + 2 * len(cols)) + "|"]
-    for name, m in summary["metrics"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{m['rank'][c]:.4f}" for c in cols) + " | "
-                     + " | ".join(f"{m['overall'][c]:.4f}" for c in cols) + " |")
+    lines = [f"test users: {users['users']} of {users['all_users']} (ground truth in the candidates: {users['in_candidates']}); "
+             f"protocol: {summary['protocol']['name']} (evaluation order: {summary['protocol']['eval_order']}); ranker: {summary['ranker']} "
+             f"({summary['loaded_as']})", "", head, "|---" * (1 + 2 * len(cols)) + "|"]
+    for name, m in test.items():
+        label = f"fused (w={w:g})" if name == "fused" else name
+        lines.append(f"| {label} | " + " | ".join(f"{m['rank'][c]:.4f}" for c in cols) + " | " + " | ".join(f"{m['overall'][c]:.4f}" for c in cols) + " |")
+    val = summary["validation"]
+    parts = [f"untrained {val['untrained_rank_ndcg@10']:.4f}"] if "untrained_rank_ndcg@10" in val else []
+    best = summary["fusion"]["best_weight"]
+    parts += [f"ranker {val['ranker']['rank']['ndcg@10']:.4f}",
+              f"fused {val['fused']['rank']['ndcg@10']:.4f} (w={w:g}, chosen here; best w={best:g} at "
+              f"{summary['fusion']['validation_ndcg@10_by_weight'][str(float(best))]:.4f}, one standard error rule)",
+              f"retriever {val['retriever']['rank']['ndcg@10']:.4f}"]
+    lines += ["", f"validation rank NDCG@10 ({summary['users']['validation']['in_candidates']} users): " + ", ".join(parts)]
+    if "merge_agreement" in summary:
+        a = summary["merge_agreement"]
+        lines.append(f"merged bf16 vs {a['compared_with']} on validation: top-1 identical {a['top1_identical']:.3f}, top-10 identical {a['top10_identical']:.3f}")
     return "\n".join(lines) + "\n"

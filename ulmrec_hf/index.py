@@ -21,10 +21,11 @@ import math
 import re
 import string
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, load_prepared, mark_complete, read_json, should_skip, stage_dir, write_json
+from .common import StageArguments, UlmrecError, read_json, settings_of, write_json
+from .layout import RunDir, fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -33,12 +34,15 @@ MINILM_ALIASES = {"all-minilm-l6-v2", "minilm"}
 
 @dataclass
 class IndexArguments:
-    index_scheme: str = field(default="pid", metadata={"help": "User field of the prompts.", "choices": ["pid", "nid", "oid", "none", "import"]})
-    index_import_file: str | None = field(default=None, metadata={"help": "For `import`: JSON user -> index string."})
+    _argument_group_name = "index"
+    _operational = ('encoder_batch_size', 'encoder_shard_size', 'add_users')  # fields that do not change the output (left out of the recorded settings)
+    scheme: str = field(default="pid", metadata={"help": "User field of the prompts.", "choices": ["pid", "nid", "oid", "none", "import"]})
+    seed: int = field(default=42, metadata={"help": "Seed of the ID attention and the RQ-VAE."})
+    import_file: str | None = field(default=None, metadata={"help": "For `import`: JSON user -> index string."})
     text_source: str = field(default="reviews", metadata={"help": "User texts that build the index.", "choices": ["reviews", "preferences", "titles"]})
-    index_preferences_file: str | None = field(default=None, metadata={"help": "JSON user -> sentence, instead of run_dir/preferences."})
+    preferences_file: str | None = field(default=None, metadata={"help": "JSON user -> sentence, instead of run_dir/preferences."})
     include_heldout_text: bool = field(default=False, metadata={"help": "Also use texts of the validation and test interactions."})
-    encoder: str = field(default="all-minilm-l6-v2", metadata={"help": "HF encoder id or path (the paper: bert-base-uncased)."})
+    encoder: str = field(default="all-minilm-l6-v2", metadata={"help": "Sentence-transformers or HF encoder id or path (the paper: bert-base-uncased)."})
     encoder_batch_size: int = field(default=64, metadata={"help": "Texts encoded at once."})
     encoder_max_length: int = field(default=256, metadata={"help": "Tokens per text."})
     encoder_shard_size: int = field(default=4096, metadata={"help": "Texts per cached embedding shard (the unit of resume)."})
@@ -56,7 +60,10 @@ class IndexArguments:
     rq_lr: float = field(default=1e-3, metadata={"help": "RQ-VAE learning rate."})
     rq_kmeans_iters: int = field(default=10, metadata={"help": "k-means iterations of the codebook init."})
     rq_dead_code_threshold: float = field(default=2.0, metadata={"help": "Re-seed codes used less than this (EMA count)."})
-    add_users: str | None = field(default=None, metadata={"help": "JSONL of new users ({user, texts}) to index with the trained quantiser."})
+    add_users: str | None = field(default=None, metadata={"help": "JSONL of new users ({user, texts}) to add to a finished pid index with its trained quantiser."})
+
+
+ARGUMENTS = (StageArguments, IndexArguments)
 
 
 def level_token(level: int, code: int) -> str:
@@ -75,50 +82,63 @@ def resolve_encoder(name: str) -> str:
     return name
 
 
+def encoder_revision(name: str) -> str:
+    """What identifies the encoder's weights: its Hub snapshot, or a local folder's config and weight files."""
+    path = Path(resolve_encoder(name))
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".json", ".safetensors", ".bin"))
+        return hashlib.sha256(b"".join(p.name.encode() + str(p.stat().st_size).encode() + (p.read_bytes() if p.suffix == ".json" else b"")
+                                       for p in files)).hexdigest()[:16]
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(name, "config.json")
+    return Path(cached).parent.name if isinstance(cached, str) else "not-cached"
+
+
 class TextEncoder:
-    """Mean-pooled, L2-normalised embeddings of an HF encoder, cached to safetensors shards."""
+    """L2-normalised sentence embeddings from sentence-transformers (mean pooling for a plain HF encoder)."""
 
     def __init__(self, name: str, batch_size: int, max_length: int):
         import torch
-        from transformers import AutoModel, AutoTokenizer
+        from sentence_transformers import SentenceTransformer
 
-        path = resolve_encoder(name)
-        self.name, self.batch_size, self.max_length = name, batch_size, max_length
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModel.from_pretrained(path).to(self.device).eval()
+        self.batch_size = batch_size
+        self.model = SentenceTransformer(resolve_encoder(name), device="cuda" if torch.cuda.is_available() else "cpu")
+        self.model.max_seq_length = max_length
 
     def encode(self, texts: list[str]):
         import torch
-        from torch.nn import functional as F
 
-        out = []
-        with torch.no_grad():
-            for start in range(0, len(texts), self.batch_size):
-                enc = self.tokenizer(texts[start:start + self.batch_size], padding=True, truncation=True,
-                                     max_length=self.max_length, return_tensors="pt").to(self.device)
-                hidden = self.model(**enc).last_hidden_state
-                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                out.append(F.normalize((hidden * mask).sum(1) / mask.sum(1).clamp(min=1), dim=-1).float().cpu())
-        return torch.cat(out) if out else torch.zeros(0, self.model.config.hidden_size)
+        if not texts:
+            return torch.zeros(0, self.model.get_sentence_embedding_dimension())
+        return self.model.encode(texts, batch_size=self.batch_size, convert_to_tensor=True, normalize_embeddings=True,
+                                 show_progress_bar=False).float().cpu()
+
+
+def embedding_cache(run: RunDir, args: IndexArguments, texts: list[str]) -> Path:
+    """A named cache folder keyed by everything that changes the vectors: encoder, its revision, max length, texts."""
+    unique = sorted(set(texts))
+    key = fingerprint([args.encoder, encoder_revision(args.encoder), args.encoder_max_length, hashlib.sha256("\x00".join(unique).encode()).hexdigest()])
+    return run.cache("embeddings", key)
 
 
 def encode_cached(texts: list[str], encoder_factory, cache: Path, shard_size: int):
-    """Embeddings of the unique `texts` (sorted), one safetensors shard at a time; a rerun loads done shards."""
+    """Embeddings of the unique `texts` (sorted), one safetensors shard at a time; a rerun loads the shards already done."""
     import torch
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
     unique = sorted(set(texts))
-    digest = hashlib.sha256("\x00".join(unique).encode()).hexdigest()
     cache.mkdir(parents=True, exist_ok=True)
     manifest = cache / "manifest.json"
-    if not manifest.exists() or read_json(manifest)["digest"] != digest or read_json(manifest)["shard_size"] != shard_size:
+    if not manifest.exists() or read_json(manifest)["shard_size"] != shard_size:
         for old in cache.glob("shard_*.safetensors"):
             old.unlink()
-        write_json(manifest, {"digest": digest, "texts": len(unique), "shard_size": shard_size})
+        write_json(manifest, {"texts": len(unique), "shard_size": shard_size})
     n_shards = math.ceil(len(unique) / shard_size)
     todo = [i for i in range(n_shards) if not (cache / f"shard_{i:05d}.safetensors").exists()]
+    if todo and len(todo) < n_shards:
+        logger.info("index: resuming the text encoding at shard %d of %d (%s)", todo[0], n_shards, cache)
     encoder = encoder_factory() if todo else None
     for i in tqdm(todo, desc="encoding texts", unit="shard"):
         emb = encoder.encode(unique[i * shard_size:(i + 1) * shard_size])
@@ -148,15 +168,12 @@ def user_texts(users: list[dict], args: IndexArguments, titles: dict, preference
     return used, held
 
 
-def load_preferences(run_args: RunArguments, args: IndexArguments) -> dict:
-    if args.index_preferences_file:
+def load_preferences(run: RunDir, args: IndexArguments) -> dict:
+    if args.preferences_file:
         from .preferences import load_import
 
-        return load_import(args.index_preferences_file)
-    path = stage_dir(run_args, "preferences") / "preferences.jsonl"
-    if not path.exists():
-        raise UlmrecError(f"{path}: no preferences; run `ulmrec preferences` or pass --index_preferences_file")
-    return {r["user"]: r["preference"] for r in map(json.loads, path.read_text().splitlines())}
+        return load_import(args.preferences_file)
+    return run.preferences()
 
 
 def flatten(texts: list[list[str]], row_of: dict, torch):
@@ -251,18 +268,18 @@ def usage_stats(codes, codebook_size: int) -> list[dict]:
 
 
 def simple_scheme(users: list[dict], args: IndexArguments) -> tuple[list[str], list[str]]:
-    if args.index_scheme == "nid":
+    if args.scheme == "nid":
         return [str(u["user_id"]) for u in users], []
-    if args.index_scheme == "oid":
+    if args.scheme == "oid":
         return [u["user"] for u in users], []
-    if args.index_scheme == "none":
+    if args.scheme == "none":
         return [""] * len(users), []
-    if not args.index_import_file:
-        raise UlmrecError("index: the import scheme needs --index_import_file")
-    mapping = read_json(Path(args.index_import_file))
+    if not args.import_file:
+        raise UlmrecError("index: the import scheme needs --import_file")
+    mapping = read_json(Path(args.import_file))
     missing = [u["user"] for u in users if u["user"] not in mapping]
     if missing:
-        raise UlmrecError(f"{args.index_import_file}: {len(missing)} users have no index, e.g. {missing[:3]}")
+        raise UlmrecError(f"{args.import_file}: {len(missing)} users have no index, e.g. {missing[:3]}")
     strings = ["".join(re.findall(r"<[^<>]+>", mapping[u["user"]])) or mapping[u["user"]].strip() for u in users]
     return strings, sorted({t for s in strings for t in re.findall(r"<[^<>]+>", s)})
 
@@ -283,95 +300,86 @@ def save_index(out: Path, users: list[dict], strings: list[str], codes, tokens: 
     write_json(out / "tokens.json", tokens)
 
 
-def main(run_args: RunArguments, args: IndexArguments) -> Path:
-    out = stage_dir(run_args, "user_index")
+def main(stage: StageArguments, args: IndexArguments) -> Path:
+    run = RunDir(stage.run_dir)
     if args.add_users:
-        return add_users(run_args, args, out)
-    if should_skip(run_args, out, "index"):
-        return out
+        return add_users(run, args)
+    inputs = ("prepare", "preferences") if args.text_source == "preferences" and not args.preferences_file and args.scheme == "pid" else ("prepare",)
+    settings = {**settings_of(args), "preferences_file_digest": file_digest(args.preferences_file), "import_file_digest": file_digest(args.import_file)}
+    if not run.begin("index", settings, stage.overwrite, inputs=inputs):
+        return run.path("index")
     import torch
-    from safetensors.torch import load_file, save_file
 
-    data = load_prepared(run_args)
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
+    out, data, start = run.path("index"), run.prepared(), time.time()
     users = data["users"].to_list()
-    stats = {"scheme": args.index_scheme, "users": len(users)}
-    if args.index_scheme != "pid":
+    stats = {"scheme": args.scheme, "users": len(users)}
+    if args.scheme != "pid":
         strings, tokens = simple_scheme(users, args)
         stats.update(unique=len(set(strings)), collision_rate_after=round(1 - len(set(strings)) / len(users), 6))
         save_index(out, users, strings, None, tokens)
         write_json(out / "stats.json", {**stats, "wall_time_s": round(time.time() - start, 2)})
-        mark_complete(out)
+        run.finish("index")
         return out
     if args.text_source == "reviews" and "reviews" not in data["users"].column_names:
-        raise UlmrecError(f"{stage_dir(run_args, 'data')}: this data set has no review text; use --text_source preferences or titles")
-    titles = dict(zip(data["items"]["item_id"], data["items"]["title"]))
-    prefs = load_preferences(run_args, args) if args.text_source == "preferences" else None
-    texts, _ = user_texts(users, args, titles, prefs)
+        raise UlmrecError(f"{run.path('prepare')}: this data set has no review text; use --text_source preferences or titles")
+    prefs = load_preferences(run, args) if args.text_source == "preferences" else None
+    texts, _ = user_texts(users, args, run.titles(), prefs)
     queries_text = [u["user"] for u in users]
-    emb, row_of, encoded_shards = encode_cached([t for ts in texts for t in ts] + queries_text,
-                                                lambda: TextEncoder(args.encoder, args.encoder_batch_size, args.encoder_max_length),
-                                                out / "encodings", args.encoder_shard_size)
+    all_texts = [t for ts in texts for t in ts] + queries_text
+    cache = embedding_cache(run, args, all_texts)
+    emb, row_of, encoded_shards = encode_cached(all_texts, lambda: TextEncoder(args.encoder, args.encoder_batch_size, args.encoder_max_length),
+                                                cache, args.encoder_shard_size)
     queries = emb[[row_of[q] for q in queries_text]]
     from .models.user_index import IdAttention, resolve_collisions
 
-    torch.manual_seed(run_args.seed)
-    attention = IdAttention(emb.size(1))
-    if (out / "attention.safetensors").exists():
-        attention.load_state_dict(load_file(str(out / "attention.safetensors")))
-        attention_loss = read_json(out / "attention.json")["final_loss"]
+    torch.manual_seed(args.seed)
+    if (out / "attention" / "config.json").exists():  # an interrupted run with these settings already trained A
+        logger.info("index: resuming: the ID attention in %s is already trained", out / "attention")
+        attention, attention_loss = IdAttention.from_pretrained(out / "attention"), read_json(out / "attention.json")["final_loss"]
     else:
-        attention_loss = train_attention(attention, emb, texts, row_of, queries, args, run_args.seed, torch)
-        save_file(attention.state_dict(), str(out / "attention.safetensors"))
+        attention = IdAttention(emb.size(1))
+        attention_loss = train_attention(attention, emb, texts, row_of, queries, args, args.seed, torch)
+        attention.save_pretrained(out / "attention")
         write_json(out / "attention.json", {"final_loss": attention_loss})
     x, without_text = pool_users(attention, emb, texts, row_of, queries, torch)
-    rq, losses = train_rqvae(x, args, run_args.seed, torch)
-    save_file({k: v.contiguous() for k, v in rq.state_dict().items()}, str(out / "rqvae.safetensors"))
+    rq, losses = train_rqvae(x, args, args.seed, torch)
+    rq.save_pretrained(out / "rqvae")
     codes, dists = rq.level_distances(x)
     before = collision_rate(codes)
     codes, moved = resolve_collisions(codes, dists)
     strings = [code_string(c) for c in codes]
     tokens = [level_token(level, c) for level in range(args.rq_levels) for c in range(args.rq_codebook_size)]
     save_index(out, users, strings, codes, tokens)
-    write_json(out / "config.json", {**asdict(args), "input_dim": emb.size(1)})
     stats.update({
-        "text_source": args.text_source, "encoder": args.encoder, "heldout_text_excluded": not args.include_heldout_text,
+        "text_source": args.text_source, "encoder": args.encoder, "encoder_revision": encoder_revision(args.encoder),
+        "embedding_cache": str(cache), "heldout_text_excluded": not args.include_heldout_text,
         "texts": sum(map(len, texts)), "users_without_text": without_text, "shards_encoded_this_run": encoded_shards,
         "attention_final_infonce": attention_loss, **losses,
         "collision_rate_before": round(before, 6), "users_moved": moved, "collision_rate_after": round(collision_rate(codes), 6),
         "unique": len(set(strings)), "codebook": usage_stats(codes, args.rq_codebook_size), "wall_time_s": round(time.time() - start, 2),
     })
     write_json(out / "stats.json", stats)
-    mark_complete(out)
+    run.finish("index")
     logger.info("index: %d users, collision rate %.4f before -> %.4f after (%d moved), level-1 usage %d/%d",
                 len(users), before, stats["collision_rate_after"], moved, stats["codebook"][0]["codes_used"], args.rq_codebook_size)
     return out
 
 
-def load_quantiser(out: Path):
-    import torch
-    from safetensors.torch import load_file
-
-    from .models.user_index import RQVAE, IdAttention
-
-    config = read_json(out / "config.json")
-    attention = IdAttention(config["input_dim"])
-    attention.load_state_dict(load_file(str(out / "attention.safetensors")))
-    rq = RQVAE(config["input_dim"], config["rq_hidden"], config["rq_code_dim"], config["rq_levels"], config["rq_codebook_size"],
-               config["rq_commitment"], config["rq_kmeans_iters"], config["rq_dead_code_threshold"])
-    rq.load_state_dict(load_file(str(out / "rqvae.safetensors")))
-    return config, attention.eval(), rq.eval(), torch
+def file_digest(path: str | None) -> str | None:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).exists() else None
 
 
-def add_users(run_args: RunArguments, args: IndexArguments, out: Path) -> Path:
+def add_users(run: RunDir, args: IndexArguments) -> Path:
     """Index new users with the trained attention and quantiser; existing codes never change."""
     import datasets
+    import numpy as np
+    import torch
 
-    from .models.user_index import resolve_collisions
+    from .models.user_index import RQVAE, IdAttention, resolve_collisions
 
-    if not (out / "_COMPLETE").exists() or not (out / "rqvae.safetensors").exists():
-        raise UlmrecError(f"{out}: no trained pid index; run `ulmrec index` first")
+    out = run.require("index")
+    if not (out / "rqvae" / "config.json").exists():
+        raise UlmrecError(f"{out}: no trained pid index; run `ulmrec index --scheme pid` first")
     new = []
     for n, line in enumerate(Path(args.add_users).read_text().splitlines(), 1):
         if line.strip():
@@ -380,16 +388,16 @@ def add_users(run_args: RunArguments, args: IndexArguments, out: Path) -> Path:
                 new.append((str(row["user"]), [t for t in row["texts"] if t and t.strip()]))
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UlmrecError(f"{args.add_users}:{n}: expected JSON with 'user' and 'texts' ({e})") from None
-    index = datasets.load_from_disk(str(out / "index"))
-    known = set(index["user"])
-    clash = [u for u, _ in new if u in known]
+    index = run.index_table()
+    clash = [u for u, _ in new if u in set(index["user"])]
     if clash:
         raise UlmrecError(f"{args.add_users}: users already indexed: {clash[:5]}")
-    config, attention, rq, torch = load_quantiser(out)
+    settings = run.settings("index")
+    attention, rq = IdAttention.from_pretrained(out / "attention").eval(), RQVAE.from_pretrained(out / "rqvae").eval()
     texts, queries_text = [t for _, t in new], [u for u, _ in new]
-    emb = TextEncoder(config["encoder"], config["encoder_batch_size"], config["encoder_max_length"]).encode(
-        sorted({t for ts in texts for t in ts} | set(queries_text)))
-    row_of = {t: i for i, t in enumerate(sorted({t for ts in texts for t in ts} | set(queries_text)))}
+    unique = sorted({t for ts in texts for t in ts} | set(queries_text))
+    emb = TextEncoder(settings["encoder"], args.encoder_batch_size, settings["encoder_max_length"]).encode(unique)
+    row_of = {t: i for i, t in enumerate(unique)}
     x, _ = pool_users(attention, emb, texts, row_of, emb[[row_of[q] for q in queries_text]], torch)
     codes, dists = rq.level_distances(x)
     codes, moved = resolve_collisions(codes, dists, taken={tuple(c) for c in index["codes"]})
@@ -397,12 +405,11 @@ def add_users(run_args: RunArguments, args: IndexArguments, out: Path) -> Path:
     rows = [{"user_id": next_id + i, "user": u, "index": code_string(c), "codes": c.tolist()} for i, (u, c) in enumerate(zip(queries_text, codes))]
     merged = datasets.concatenate_datasets([index, datasets.Dataset.from_list(rows, features=index.features)])
     users = [{"user_id": a, "user": b} for a, b in zip(merged["user_id"], merged["user"])]
-    import numpy as np
-
     save_index(out, users, merged["index"], np.array(merged["codes"]), read_json(out / "tokens.json"))
     stats = read_json(out / "stats.json")
     stats.setdefault("added_users", []).append({"file": args.add_users, "users": len(rows), "moved": moved})
     stats["unique"] = len(set(merged["index"]))
     write_json(out / "stats.json", stats)
+    run.amend("index", {"added_users": stats["added_users"]})
     logger.info("index: added %d users (%d moved to a free code); %d unique indices", len(rows), moved, stats["unique"])
     return out

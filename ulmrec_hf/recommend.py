@@ -1,119 +1,99 @@
-"""Serving: rank a user's candidates with the trained ranker, and explain a user index in words.
+"""Serving: rank a user's candidates with the trained ranker (optionally fused with the retriever's scores).
 
-`recommend_users` builds exactly the prompt that `ulmrec evaluate` scores for a test user (the same
-history, candidates and candidate order), so both give the same order.
+`Recommender` builds exactly the prompt that `ulmrec evaluate` scores for a user (the same history, candidates and
+candidate order) on the base exactly as trained, so both give the same order. Users whose ground truth the retriever
+missed are served too: their prompt does not depend on it.
 """
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from .common import UlmrecError, read_json, require
+import numpy as np
+
+from .common import RunArguments, UlmrecError
+from .layout import RunDir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RecommendArguments:
-    run_dir: str = field(default="runs/demo", metadata={"help": "A finished run directory.", "aliases": ["--run"]})
+    _argument_group_name = "recommend"
     user: list[str] = field(default_factory=list, metadata={"help": "User id(s): original id or number."})
     split: str = field(default="test", metadata={"help": "Which candidate list: test (history up to the test item) or validation.", "choices": ["test", "validation"]})
     top_k: int = field(default=10, metadata={"help": "Recommendations printed per user."})
+    fusion_weight: float | None = field(default=None, metadata={"help": "Rank by z(retriever) + w * z(letter log-prob) with this w (default: the w `evaluate` chose on validation, else the ranker alone)."})
+    ranker_only: bool = field(default=False, metadata={"help": "Rank by the ranker's letter scores alone."})
 
 
-@dataclass
-class ExplainArguments:
-    run_dir: str = field(default="runs/demo", metadata={"help": "A finished run directory.", "aliases": ["--run"]})
-    index: str | None = field(default=None, metadata={"help": "An index string or prefix, e.g. '<a_3><b_7>'."})
-    user: str | None = field(default=None, metadata={"help": "A user id whose index to explain."})
-    max_new_tokens: int = field(default=48, metadata={"help": "Length of the generated preference."})
+ARGUMENTS = (RunArguments, RecommendArguments)
 
 
 class Recommender:
-    """Loads a run once and scores any of its users."""
+    """Loads a finished run once and scores any of its users."""
 
-    def __init__(self, run_dir: str):
-        import datasets
-
+    def __init__(self, run_dir: str, fusion_weight: float | None = None, ranker_only: bool = False):
+        from .llm import load_tokenizer
         from .ranker import load_ranker
-        from .tasks import PromptBuilder, TaskArguments
+        from .tasks import build_builder, recorded_arguments
 
-        self.run = Path(run_dir)
-        self.model, self.tokenizer, self.config = load_ranker(require(self.run / "ranker", "train"))
-        data = datasets.load_from_disk(str(self.run / "data"))
-        self.titles = dict(zip(data["items"]["item_id"], data["items"]["title"]))
-        self.users = {u["user_id"]: u for u in data["users"].to_list()}
-        self.by_name = {u["user"]: uid for uid, u in self.users.items()}
-        index = datasets.load_from_disk(str(self.run / "user_index" / "index"))
-        self.index = dict(zip(index["user"], index["index"]))
-        mixture = read_json(self.run / "tasks" / "mixture.json")
-        self.args, self.seed = TaskArguments(**mixture["args"]), mixture["seed"]
-        self.builder = PromptBuilder(self.tokenizer, self.titles, self.args)
-        self.candidates = {s: datasets.load_from_disk(str(self.run / "retriever" / "candidates" / s)) for s in ("validation", "test")}
+        self.run = RunDir(run_dir)
+        self.model, self.tokenizer, self.config = load_ranker(self.run.require("train"))
+        mixture, meta = self.run.mixture(), self.run.eval_meta()
+        self.eval_order, self.eval_seed = mixture["protocol"]["eval_order"], meta["eval_seed"]
+        self.builder = build_builder(load_tokenizer(mixture["model_name_or_path"]), self.run.titles(), recorded_arguments(self.run))
+        users = self.run.prepared()["users"]
+        self.names = dict(zip(users["user_id"], users["user"]))
+        self.by_name = {name: uid for uid, name in self.names.items()}
+        self.index = self.run.index()
+        self.candidates = {s: self.run.candidates(s) for s in ("validation", "test")}
+        self.positions = {s: {uid: i for i, uid in enumerate(c["user_id"])} for s, c in self.candidates.items()}
+        if fusion_weight is None and self.run.is_complete("evaluate"):
+            fusion_weight = self.run.eval_metrics()["fusion"]["weight"]
+        self.fusion_weight = None if ranker_only else fusion_weight
 
     def user_id(self, user: str) -> int:
         if user in self.by_name:
             return self.by_name[user]
-        if user.isdigit() and int(user) in self.users:
+        if user.isdigit() and int(user) in self.names:
             return int(user)
-        raise UlmrecError(f"unknown user {user!r} in {self.run / 'data'}")
+        raise UlmrecError(f"unknown user {user!r} in {self.run.path('prepare')}")
 
     def rank(self, users: list[str], split: str = "test") -> list[list[tuple[int, str, float]]]:
+        """Per user, (item id, title, score) best first; the score is fused when a fusion weight is set."""
+        from .evaluate import fuse
         from .ranker import score_prompts
-        from .tasks import next_item_rows
+        from .tasks import eval_row
 
         table = self.candidates[split]
-        position = {uid: i for i, uid in enumerate(table["user_id"])}
         rows = []
         for user in users:
-            row = dict(table[position[self.user_id(user)]])
-            row["target_rank"] = 1  # serving: the prompt does not depend on whether the target was retrieved
-            rows += next_item_rows([row], self.users, self.index, self.builder, self.args, self.seed, split)
+            uid = self.user_id(user)
+            rows.append(eval_row(self.builder, self.eval_order, table[self.positions[split][uid]], self.index.get(self.names[uid]),
+                                 self.eval_seed, split))
         scores = score_prompts(self.model, self.tokenizer, [r["prompt"] for r in rows], self.config["letter_token_ids"])
+        if self.fusion_weight is not None:
+            scores = fuse(np.array([r["retriever_scores"] for r in rows]), scores, self.fusion_weight)
         out = []
         for r, s in zip(rows, scores):
-            order = sorted(range(len(s)), key=lambda i: -s[i])
-            out.append([(r["candidates"][i], self.titles[r["candidates"][i]], float(s[i])) for i in order])
+            order = np.argsort(-s, kind="stable")
+            out.append([(r["candidates"][i], self.builder.titles[r["candidates"][i]], float(s[i])) for i in order])
         return out
 
 
-def recommend_users(run_dir: str, users: list[str], split: str = "test"):
+def recommend_users(run_dir: str, users: list[str], split: str = "test", fusion_weight: float | None = None, ranker_only: bool = False):
     """Ranked (item_id, title, score) lists for a batch of users (programmatic use)."""
-    return Recommender(run_dir).rank(users, split)
+    return Recommender(run_dir, fusion_weight, ranker_only).rank(users, split)
 
 
-def main(args: RecommendArguments):
+def main(run: RunArguments, args: RecommendArguments):
     if not args.user:
         raise UlmrecError("recommend: give --user USER_ID (one or more)")
-    results = recommend_users(args.run_dir, args.user, args.split)
+    recommender = Recommender(run.run_dir, args.fusion_weight, args.ranker_only)
+    results = recommender.rank(args.user, args.split)
+    how = f"fused with the retriever, w={recommender.fusion_weight:g}" if recommender.fusion_weight is not None else "ranker alone"
     for user, ranked in zip(args.user, results):
-        print(f"\nuser {user}:")
+        print(f"\nuser {user} ({how}):")
         for n, (item, title, score) in enumerate(ranked[: args.top_k], 1):
             print(f"{n:3d}. {title}  (item {item}, score {score:.3f})")
     return results
-
-
-def explain(args: ExplainArguments) -> str:
-    import torch
-
-    from .ranker import load_ranker
-    from .tasks import HEADER, INSTRUCTIONS
-
-    run = Path(args.run_dir)
-    model, tokenizer, _ = load_ranker(run / "ranker")
-    index = args.index
-    if index is None:
-        import datasets
-
-        table = datasets.load_from_disk(str(run / "user_index" / "index"))
-        lookup = dict(zip(table["user"], table["index"])) | {str(u): i for u, i in zip(table["user_id"], table["index"])}
-        if args.user not in lookup:
-            raise UlmrecError("explain: give --index '<a_..>...' or a known --user")
-        index = lookup[args.user]
-    prompt = HEADER.format(instruction=INSTRUCTIONS["index_to_preference"], body=f"User: {index}")
-    enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
-    with torch.inference_mode():
-        out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    text = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-    print(f"{index}: {text}")
-    return text

@@ -12,33 +12,40 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, load_prepared, mark_complete, read_json, should_skip, stage_dir, write_json
+from .common import StageArguments, read_json, settings_of, write_json
+from .layout import RunDir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
 class RetrieveArguments:
+    _argument_group_name = "retrieve"
+    _operational = ('eval_batch_size',)  # fields that do not change the output (left out of the recorded settings)
     retriever: str = field(default="lrurec", metadata={"help": "Retriever model.", "choices": ["lrurec", "sasrec"]})
-    retriever_hidden: int = field(default=64, metadata={"help": "Embedding / hidden size."})
-    retriever_blocks: int = field(default=2, metadata={"help": "Number of LRU (or attention) blocks."})
-    retriever_ffn: int = field(default=256, metadata={"help": "Feed-forward size."})
-    retriever_dropout: float = field(default=0.5, metadata={"help": "Dropout (the paper uses 0.5)."})
-    retriever_attn_dropout: float = field(default=0.5, metadata={"help": "Dropout inside the LRU / attention layer."})
-    retriever_heads: int = field(default=2, metadata={"help": "Attention heads (SASRec)."})
+    seed: int = field(default=42, metadata={"help": "Seed of the initial weights and the batch order."})
+    hidden: int = field(default=64, metadata={"help": "Embedding / hidden size."})
+    blocks: int = field(default=2, metadata={"help": "Number of LRU (or attention) blocks."})
+    ffn: int = field(default=256, metadata={"help": "Feed-forward size."})
+    dropout: float = field(default=0.5, metadata={"help": "Dropout (the paper uses 0.5)."})
+    attn_dropout: float = field(default=0.5, metadata={"help": "Dropout inside the LRU / attention layer."})
+    heads: int = field(default=2, metadata={"help": "Attention heads (SASRec)."})
     max_len: int = field(default=50, metadata={"help": "Longest history the retriever reads."})
-    retriever_batch_size: int = field(default=64, metadata={"help": "Training batch size (per process)."})
-    retriever_lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
-    retriever_weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
-    retriever_max_epochs: int = field(default=200, metadata={"help": "Upper bound on epochs; early stopping usually ends sooner."})
+    batch_size: int = field(default=64, metadata={"help": "Training batch size (per process)."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    max_epochs: int = field(default=200, metadata={"help": "Upper bound on epochs; early stopping usually ends sooner."})
     eval_every_steps: int = field(default=500, metadata={"help": "Validate (and checkpoint) every N optimizer steps."})
     patience: int = field(default=20, metadata={"help": "Stop after N validations without a better Recall@20."})
     num_candidates: int = field(default=20, metadata={"help": "Candidates kept per user."})
     mask_history: bool = field(default=True, metadata={"help": "Never recommend items already in the history (LlamaRec's rule)."})
-    retriever_eval_batch_size: int = field(default=1024, metadata={"help": "Users scored at once."})
+    eval_batch_size: int = field(default=1024, metadata={"help": "Users scored at once."})
+
+
+ARGUMENTS = (StageArguments, RetrieveArguments)
 
 
 def user_splits(sequences: list[list[int]], max_len: int) -> dict[str, list[tuple[list[int], int]]]:
@@ -81,10 +88,10 @@ def score_users(model, pairs, args: RetrieveArguments, torch, device, progress: 
     net = model_module(model)
     net.eval()
     top_ids, top_scores, ranks = [], [], []
-    batches = range(0, len(pairs), args.retriever_eval_batch_size)
+    batches = range(0, len(pairs), args.eval_batch_size)
     with torch.no_grad():
         for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
-            chunk = pairs[start:start + args.retriever_eval_batch_size]
+            chunk = pairs[start:start + args.eval_batch_size]
             seqs = left_pad([h for h, _ in chunk], torch).to(device)
             scores = net.scores(net(seqs)[:, -1])
             scores[:, 0] = -math.inf
@@ -109,9 +116,9 @@ def metrics_for(ranks: list[int], num_candidates: int) -> dict:
 class Checkpoint:
     """Resumable state: accelerate's save_state (model, optimizer, RNG) plus our loop counters."""
 
-    def __init__(self, out: Path):
-        self.dir = out / "checkpoint"
-        self.state_file = self.dir / "trainer_state.json"
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.state_file = folder / "trainer_state.json"
 
     def load(self, accelerator) -> dict | None:
         if not self.state_file.exists():
@@ -125,42 +132,47 @@ class Checkpoint:
             write_json(self.state_file, state)
 
 
-def train(args: RetrieveArguments, run_args: RunArguments, sequences: list[list[int]], num_items: int, out: Path):
+def padded_rows(rows: list[list[int]], torch, device):
+    """All training rows left-padded to one width, kept on the device, with their lengths (a batch is sliced from it)."""
+    return left_pad(rows, torch).to(device), torch.tensor([len(r) for r in rows])
+
+
+def train(args: RetrieveArguments, run: RunDir, sequences: list[list[int]], num_items: int):
     import torch
     from accelerate import Accelerator
-    from safetensors.torch import save_model
     from torch.utils.tensorboard import SummaryWriter
     from tqdm.auto import tqdm
 
     from .models.retrievers import RetrieverConfig, SequentialRetriever
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())  # cpu=True makes a CPU `--multi_gpu` launch real gloo DDP
-    torch.manual_seed(run_args.seed)
-    config = RetrieverConfig(num_items=num_items, kind=args.retriever, hidden=args.retriever_hidden, blocks=args.retriever_blocks,
-                             ffn=args.retriever_ffn, dropout=args.retriever_dropout, attn_dropout=args.retriever_attn_dropout,
-                             heads=args.retriever_heads, max_len=args.max_len)
+    torch.manual_seed(args.seed)
+    config = RetrieverConfig(num_items=num_items, kind=args.retriever, hidden=args.hidden, blocks=args.blocks, ffn=args.ffn,
+                             dropout=args.dropout, attn_dropout=args.attn_dropout, heads=args.heads, max_len=args.max_len)
     model = SequentialRetriever(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.retriever_lr, weight_decay=args.retriever_weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
-    rows = training_rows(sequences, args.max_len)
+    matrix, lengths = padded_rows(training_rows(sequences, args.max_len), torch, accelerator.device)
     val_pairs = user_splits(sequences, args.max_len)["validation"]
-    ckpt = Checkpoint(out)
+    ckpt = Checkpoint(run.retriever_checkpoint)
     state = ckpt.load(accelerator) or {"epoch": 0, "batch": 0, "step": 0, "best": -1.0, "best_step": 0, "bad_evals": 0,
                                        "history": [], "finished": False, "train_time_s": 0.0}
+    state["resumed_from"] = {"epoch": state["epoch"], "batch": state["batch"], "step": state["step"]} if state["step"] else None
     if state["step"]:
         logger.info("retrieve: resuming at epoch %d, batch %d (step %d)", state["epoch"], state["batch"], state["step"])
-    writer = SummaryWriter(str(out / "runs")) if accelerator.is_main_process else None
+    writer = SummaryWriter(str(run.logs("retrieve"))) if accelerator.is_main_process else None
     started = time.time() - state["train_time_s"]
-    per_process = args.retriever_batch_size
-    while not state["finished"] and state["epoch"] < args.retriever_max_epochs:
+    per_process = args.batch_size
+    while not state["finished"] and state["epoch"] < args.max_epochs:
         # Our own sharded permutation (not a DataLoader) so a resumed run replays the exact batch order.
-        perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(run_args.seed + state["epoch"])).tolist()
+        perm = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(args.seed + state["epoch"]))
         mine = perm[accelerator.process_index::accelerator.num_processes]
         n_batches = len(mine) // per_process
         bar = tqdm(range(state["batch"], n_batches), desc=f"{args.retriever} epoch {state['epoch']}", disable=not accelerator.is_local_main_process, leave=False)
         for b in bar:
-            batch = left_pad([rows[i] for i in mine[b * per_process:(b + 1) * per_process]], torch).to(accelerator.device)
-            loss = next_item_loss(model, batch, torch)
+            idx = mine[b * per_process:(b + 1) * per_process]
+            width = max(1, int(lengths[idx].max()))  # the batch's own longest row, as a per-batch left_pad would give
+            loss = next_item_loss(model, matrix[idx.to(matrix.device), -width:], torch)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad()
@@ -170,7 +182,7 @@ def train(args: RetrieveArguments, run_args: RunArguments, sequences: list[list[
                 writer.add_scalar("train/loss", loss.item(), state["step"])
                 bar.set_postfix(loss=f"{loss.item():.3f}", best_r20=f"{state['best']:.4f}")
             if state["step"] % args.eval_every_steps == 0:
-                validate(model, val_pairs, args, state, accelerator, writer, out, save_model, torch)
+                validate(model, val_pairs, args, state, accelerator, writer, run, torch)
                 state["train_time_s"] = time.time() - started
                 ckpt.save(accelerator, state)
                 if state["bad_evals"] >= args.patience:
@@ -180,16 +192,16 @@ def train(args: RetrieveArguments, run_args: RunArguments, sequences: list[list[
             state["epoch"] += 1
             state["batch"] = 0
     if state["best"] < 0:  # fewer steps than one evaluation interval: validate the final weights
-        validate(model, val_pairs, args, state, accelerator, writer, out, save_model, torch)
+        validate(model, val_pairs, args, state, accelerator, writer, run, torch)
     state["finished"] = True
     state["train_time_s"] = time.time() - started
     ckpt.save(accelerator, state)
     if writer:
         writer.close()
-    return config, state, accelerator
+    return state, accelerator
 
 
-def validate(model, pairs, args, state, accelerator, writer, out, save_model, torch):
+def validate(model, pairs, args, state, accelerator, writer, run: RunDir, torch):
     _, _, ranks = score_users(model, pairs, args, torch, accelerator.device)
     metrics = metrics_for(ranks, args.num_candidates)
     state["history"].append({"step": state["step"], "epoch": state["epoch"], **{k: round(v, 5) for k, v in metrics.items()}})
@@ -199,26 +211,22 @@ def validate(model, pairs, args, state, accelerator, writer, out, save_model, to
     if metrics["recall@20"] > state["best"]:
         state.update(best=metrics["recall@20"], best_step=state["step"], bad_evals=0)
         if accelerator.is_main_process:
-            save_model(model_module(model), str(out / "model.safetensors"))
+            model_module(model).save_pretrained(run.retriever_model)
     else:
         state["bad_evals"] += 1
     logger.info("retrieve: step %d val recall@20 %.4f ndcg@10 %.4f (best %.4f at step %d)", state["step"], metrics["recall@20"],
                 metrics["ndcg@10"], state["best"], state["best_step"])
 
 
-def load_retriever(path: Path):
-    import torch
-    from safetensors.torch import load_model
+def load_retriever(run: RunDir):
+    from .models.retrievers import SequentialRetriever
 
-    from .models.retrievers import RetrieverConfig, SequentialRetriever
-
-    model = SequentialRetriever(RetrieverConfig(**read_json(Path(path) / "config.json")))
-    load_model(model, str(Path(path) / "model.safetensors"))
-    return model.eval(), torch
+    return SequentialRetriever.from_pretrained(run.retriever_model).eval()
 
 
-def write_candidates(model, torch, sequences, user_ids, args: RetrieveArguments, out: Path) -> dict:
+def write_candidates(model, sequences, user_ids, args: RetrieveArguments, run: RunDir) -> dict:
     import datasets
+    import torch
 
     device = next(model.parameters()).device
     splits, metrics, data = user_splits(sequences, args.max_len), {}, {}
@@ -230,34 +238,30 @@ def write_candidates(model, torch, sequences, user_ids, args: RetrieveArguments,
             "candidates": ids, "scores": scores, "target": [t for _, t in pairs], "target_rank": in_top,
         })
         metrics[split] = metrics_for(ranks, args.num_candidates)
-    datasets.DatasetDict(data).save_to_disk(str(out / "candidates"))
+    datasets.DatasetDict(data).save_to_disk(str(run.path("retrieve") / "candidates"))
     return metrics
 
 
-def main(run_args: RunArguments, args: RetrieveArguments) -> Path:
-    out = stage_dir(run_args, "retriever")
-    if should_skip(run_args, out, "retrieve"):
-        return out
-    data = load_prepared(run_args)
-    out.mkdir(parents=True, exist_ok=True)
+def main(stage: StageArguments, args: RetrieveArguments) -> Path:
+    run = RunDir(stage.run_dir)
+    if not run.begin("retrieve", settings_of(args), stage.overwrite, inputs=("prepare",)):
+        return run.path("retrieve")
+    data = run.prepared()
     start = time.time()
     sequences, user_ids = data["users"]["items"], data["users"]["user_id"]
-    num_items = max(data["items"]["item_id"])
-    config, state, accelerator = train(args, run_args, sequences, num_items, out)
+    state, accelerator = train(args, run, sequences, max(data["items"]["item_id"]))
     if accelerator.is_main_process:
-        write_json(out / "config.json", asdict(config))
-        model, torch = load_retriever(out)
-        metrics = write_candidates(model.to(accelerator.device), torch, sequences, user_ids, args, out)
+        metrics = write_candidates(load_retriever(run).to(accelerator.device), sequences, user_ids, args, run)
         summary = {
             "retriever": args.retriever, "mask_history": args.mask_history, "selection": "best validation recall@20",
             "num_candidates": args.num_candidates, "best_step": state["best_step"], "steps": state["step"],
-            "epochs": round(state["step"] * args.retriever_batch_size * accelerator.num_processes / max(1, len(training_rows(sequences, args.max_len))), 2),
+            "resumed_from": state["resumed_from"],
+            "epochs": round(state["step"] * args.batch_size * accelerator.num_processes / max(1, len(training_rows(sequences, args.max_len))), 2),
             "train_time_s": round(state["train_time_s"], 1), "wall_time_s": round(time.time() - start, 1),
             "metrics": {split: {k: round(v, 6) for k, v in m.items()} for split, m in metrics.items()},
-            "args": asdict(args),
         }
-        write_json(out / "metrics.json", summary)
-        mark_complete(out)
+        write_json(run.path("retrieve") / "metrics.json", summary)
+        run.finish("retrieve")
         logger.info("retrieve: test %s", json.dumps({k: round(v, 4) for k, v in metrics["test"].items()}))
     accelerator.wait_for_everyone()
-    return out
+    return run.path("retrieve")

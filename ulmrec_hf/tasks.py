@@ -1,64 +1,74 @@
 """Alignment-task stage (paper §4.2): prompt/completion datasets per task and their mixture.
 
-Tasks: next-item prediction, index -> preference, preference -> index, history -> index, rating
-prediction, intent-based item prediction. Item ids are replaced by titles (cut to `title_max_tokens`).
-Prompts are fitted to `max_length` by dropping the oldest history items; candidates and the answer are
-never cut (a prompt that cannot fit without them is an error).
+Tasks: next-item prediction, index -> preference, preference -> index, history -> index, rating prediction and
+intent-based item prediction. Item ids are replaced by titles (cut to `title_max_tokens`). Prompts fit `max_length`
+by dropping the oldest history; candidates and the answer are never cut.
 
-Training samples predict each user's last *training* item (items[-3]) from the retriever's `train`
-candidates; when the retriever missed it, it replaces the last candidate so the answer exists.
-Validation/test sets hold the users whose ground truth is among the candidates ("rank" users);
-`eval_meta.json` records how many users each split has in all, for the overall metrics.
+The protocol decides three things, recorded in the mixture, every metrics file and the model card:
+- `train_targets`: `last` (each user's last training item) or `all_prefixes` (every position t >= 1 of the training
+  sequence, with up to `history_len` items before it as history: LlamaRec's and the ULMRec authors' code).
+- `train_candidates`: `random` (the target plus 19 seeded random items outside the user's training sequence, shuffled:
+  the authors' code) or `retriever` (the retriever's top-20 for the training target; a missed target takes a seeded
+  random slot, never a fixed one).
+- `eval_order`: `retriever` (the retriever's order: the authors' evaluation, where letter A is the retriever's top-1)
+  or `shuffled` (a seeded shuffle per user, which measures what the LLM itself understands).
+`protocol: paper` is (all_prefixes, random, retriever) and `protocol: shuffled` the same with shuffled evaluation;
+`protocol: custom` takes each option as given (default: last, retriever, shuffled, as ulmrec-hf 0.1 did).
+
+The mixture holds `max_train_samples` next-item rows (all of them when unset) and, on top, each alignment task in
+proportion `p_task / p_next_item` of that (one row per sampled user at most). Validation/test sets hold the users whose
+ground truth is among the candidates ("rank" users); `eval_meta.json` says how many users each split has in all.
 """
 
-import json
 import logging
 import random
-import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import RunArguments, UlmrecError, mark_complete, require, should_skip, stage_dir, write_json
+from .common import StageArguments, UlmrecError, settings_of, write_json
+from .layout import RunDir
+from .prompts import INSTRUCTIONS, LETTERS, PromptBuilder, letter_ids, tokenizer_fingerprint
 
 logger = logging.getLogger(__name__)
 
 TASKS = ("next_item", "index_to_preference", "preference_to_index", "history_to_index", "rating", "intent")
 NEEDS_INDEX = {"index_to_preference", "preference_to_index", "history_to_index"}
 NEEDS_PREFERENCE = {"index_to_preference", "preference_to_index", "rating", "intent"}
-HEADER = "### Instruction:\n{instruction}\n### Input:\n{body}\n### Response:\n"
-INSTRUCTIONS = {
-    "next_item": "Given the user and their purchase history in chronological order, choose the item the user will buy next. Answer with the candidate's letter.",
-    "index_to_preference": "Describe the preferences of this user in one sentence.",
-    "preference_to_index": "Which user has this preference? Answer with the user's index.",
-    "history_to_index": "Which user has this purchase history? Answer with the user's index.",
-    "rating": "Predict the star rating (1-5) the user gives to the next item. Answer with the number.",
-    "intent": "Choose the candidate that best matches the user's intention. Answer with the candidate's letter.",
+PROTOCOLS = {
+    "paper": {"train_targets": "all_prefixes", "train_candidates": "random", "eval_order": "retriever"},
+    "shuffled": {"train_targets": "all_prefixes", "train_candidates": "random", "eval_order": "shuffled"},
+    "custom": {"train_targets": "last", "train_candidates": "retriever", "eval_order": "shuffled"},
 }
 
 
 @dataclass
 class TaskArguments:
-    model_name_or_path: str | None = field(default="smollm2", metadata={"help": "Base LLM (its tokenizer fits the prompts): Hub id, path or 'smollm2'."})
+    _argument_group_name = "tasks"
+    model_name_or_path: str = field(default="smollm2", metadata={"help": "Base LLM whose tokenizer fits the prompts: Hub id, path or 'smollm2'."})
+    seed: int = field(default=42, metadata={"help": "Seed of the training sample, negatives and mixture."})
+    protocol: str = field(default="paper", metadata={"help": "paper: all prefixes, random negatives, retriever order at evaluation (the authors' code); shuffled: the same, evaluation shuffled; custom: the three options below as given.", "choices": list(PROTOCOLS)})
+    train_targets: str | None = field(default=None, metadata={"help": "Next-item training targets (default: the protocol's).", "choices": ["last", "all_prefixes"]})
+    train_candidates: str | None = field(default=None, metadata={"help": "Training candidates (default: the protocol's).", "choices": ["random", "retriever"]})
+    eval_order: str | None = field(default=None, metadata={"help": "Candidate order at validation and test (default: the protocol's).", "choices": ["retriever", "shuffled"]})
     max_length: int = field(default=1024, metadata={"help": "Tokens per sample (prompt + answer)."})
     history_len: int = field(default=20, metadata={"help": "Most recent history items shown."})
     title_max_tokens: int = field(default=32, metadata={"help": "Tokens kept of each title."})
-    candidate_order: str = field(default="shuffled", metadata={"help": "Candidate order in training and evaluation (recorded in every metrics file).", "choices": ["shuffled", "retriever"]})
-    use_next_item: bool = field(default=True, metadata={"help": "Include next-item prediction."})
+    use_next_item: bool = field(default=True, metadata={"help": "Next-item prediction (the ranking task; cannot be disabled)."})
     use_index_to_preference: bool = field(default=True, metadata={"help": "Include index -> preference."})
     use_preference_to_index: bool = field(default=True, metadata={"help": "Include preference -> index."})
     use_history_to_index: bool = field(default=True, metadata={"help": "Include history -> index."})
     use_rating: bool = field(default=True, metadata={"help": "Include rating prediction (skipped when the data has no ratings)."})
     use_intent: bool = field(default=True, metadata={"help": "Include intent-based item prediction."})
-    p_next_item: float = field(default=0.5, metadata={"help": "Mixture probability of next-item prediction."})
-    p_index_to_preference: float = field(default=0.1, metadata={"help": "Mixture probability."})
-    p_preference_to_index: float = field(default=0.1, metadata={"help": "Mixture probability."})
-    p_history_to_index: float = field(default=0.1, metadata={"help": "Mixture probability."})
-    p_rating: float = field(default=0.1, metadata={"help": "Mixture probability."})
-    p_intent: float = field(default=0.1, metadata={"help": "Mixture probability."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Cap on the mixed training set; rows are built for a seeded sample of this many training users."})
-    max_eval_users: int | None = field(default=None, metadata={"help": "Evaluate a seeded sample of this many users (of all users, so overall metrics stay per user)."})
-    max_validation_users: int | None = field(default=None, metadata={"help": "Sample size for the validation split (default: max_eval_users)."})
-    eval_seed: int | None = field(default=None, metadata={"help": "Seed of the evaluation samples and candidate order (default: --seed); fix it to compare training seeds on the same users."})
+    p_next_item: float = field(default=0.5, metadata={"help": "Mixture proportion of next-item prediction."})
+    p_index_to_preference: float = field(default=0.1, metadata={"help": "Mixture proportion."})
+    p_preference_to_index: float = field(default=0.1, metadata={"help": "Mixture proportion."})
+    p_history_to_index: float = field(default=0.1, metadata={"help": "Mixture proportion."})
+    p_rating: float = field(default=0.1, metadata={"help": "Mixture proportion."})
+    p_intent: float = field(default=0.1, metadata={"help": "Mixture proportion."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Next-item training rows: a seeded sample of this many (default: all); alignment rows come on top in proportion."})
+    max_eval_users: int | None = field(default=None, metadata={"help": "Test users: a seeded sample of this many of all users, so overall metrics stay per user."})
+    max_validation_users: int | None = field(default=None, metadata={"help": "Validation users, sampled the same way (default: max_eval_users)."})
+    eval_seed: int | None = field(default=None, metadata={"help": "Seed of the evaluation samples and their shuffle (default: seed); fix it to compare training seeds on the same users."})
     instruction_next_item: str = field(default=INSTRUCTIONS["next_item"], metadata={"help": "Template text."})
     instruction_index_to_preference: str = field(default=INSTRUCTIONS["index_to_preference"], metadata={"help": "Template text."})
     instruction_preference_to_index: str = field(default=INSTRUCTIONS["preference_to_index"], metadata={"help": "Template text."})
@@ -67,120 +77,130 @@ class TaskArguments:
     instruction_intent: str = field(default=INSTRUCTIONS["intent"], metadata={"help": "Template text."})
 
 
-class PromptBuilder:
-    """Builds prompts that fit `max_length`, with titles cut to `title_max_tokens` tokens."""
-
-    def __init__(self, tokenizer, titles: dict[int, str], args: TaskArguments):
-        self.tok, self.args, self.titles = tokenizer, args, {}
-        for item, title in titles.items():
-            ids = tokenizer(title or f"item {item}", add_special_tokens=False).input_ids[: args.title_max_tokens]
-            self.titles[item] = tokenizer.decode(ids).strip()
-        self.letters = list(string.ascii_uppercase)
-
-    def n_tokens(self, text: str) -> int:
-        return len(self.tok(text, add_special_tokens=False).input_ids)
-
-    def prompt(self, task: str, parts: dict, history: list[str] | None = None, answer_tokens: int = 8) -> str:
-        """Fill the template; drop the oldest history lines until the prompt + answer fits."""
-        history = list(history or [])[-self.args.history_len:]
-        instruction = getattr(self.args, f"instruction_{task}")
-        while True:
-            body = "\n".join(v for k, v in self.sections(parts, history))
-            text = HEADER.format(instruction=instruction, body=body)
-            if self.n_tokens(text) + answer_tokens <= self.args.max_length:
-                return text
-            if not history:
-                raise UlmrecError(f"tasks: a {task} prompt needs {self.n_tokens(text)} tokens without any history, more than "
-                                  f"max_length={self.args.max_length} allows; raise max_length or lower title_max_tokens")
-            history.pop(0)
-
-    @staticmethod
-    def sections(parts: dict, history: list[str]):
-        for key in ("user", "preference"):
-            if parts.get(key):
-                yield key, f"{key.capitalize()}: {parts[key]}"
-        if history:
-            yield "history", "History:\n" + "\n".join(history)
-        for key in ("target", "candidates"):
-            if parts.get(key):
-                yield key, parts[key]
-
-    def history_lines(self, items: list[int], ratings: list[float] | None = None) -> list[str]:
-        lines = []
-        for n, item in enumerate(items):
-            rating = f" ({ratings[n]:g} stars)" if ratings else ""
-            lines.append(f"- {self.titles[item]}{rating}")
-        return lines
-
-    def candidate_block(self, candidates: list[int]) -> str:
-        return "Candidates:\n" + "\n".join(f"({self.letters[i]}) {self.titles[c]}" for i, c in enumerate(candidates))
+ARGUMENTS = (StageArguments, TaskArguments)
 
 
-def order_candidates(candidates: list[int], target: int | None, order: str, seed: int, key: str) -> list[int]:
-    """Insert a missed target in the last slot, then shuffle (seeded per user and split) or keep retriever order."""
-    cands = list(candidates)
-    if target is not None and target not in cands:
-        cands[-1] = target
-    if order == "shuffled":
-        random.Random(f"{seed}-{key}").shuffle(cands)
+def recorded_arguments(run: RunDir) -> TaskArguments:
+    """The arguments a finished tasks stage ran with (serving builds the same prompts)."""
+    return TaskArguments(**run.settings("tasks")["tasks"])
+
+
+def resolve_protocol(args: TaskArguments) -> dict:
+    """The three protocol choices; an option that contradicts a named protocol is an error, never silently replaced."""
+    chosen = dict(PROTOCOLS[args.protocol])
+    for key in chosen:
+        value = getattr(args, key)
+        if value is not None and args.protocol != "custom" and value != chosen[key]:
+            raise UlmrecError(f"tasks: protocol {args.protocol!r} means {key}={chosen[key]}, but {key}={value} was given; "
+                              f"use protocol: custom to combine options freely")
+        chosen[key] = value or chosen[key]
+    if chosen["train_targets"] == "all_prefixes" and chosen["train_candidates"] == "retriever":
+        raise UlmrecError("tasks: train_targets=all_prefixes needs train_candidates=random (the retriever ranks only the last training target)")
+    return chosen
+
+
+def build_builder(tokenizer, titles: dict, args: TaskArguments) -> PromptBuilder:
+    instructions = {t: getattr(args, f"instruction_{t}") for t in TASKS}
+    return PromptBuilder(tokenizer, titles, args.max_length, args.history_len, args.title_max_tokens, instructions)
+
+
+class Negatives:
+    """Seeded random negatives: items outside the user's training sequence (LlamaRec's training candidates)."""
+
+    def __init__(self, items: list[int], n_candidates: int, seed: int):
+        self.items, self.n, self.seed = items, n_candidates, seed
+
+    def candidates(self, target: int, exclude: set[int], key: str) -> list[int]:
+        rng = random.Random(f"{self.seed}-{key}")
+        chosen = []
+        while len(chosen) < self.n - 1:
+            item = self.items[rng.randrange(len(self.items))]
+            if item != target and item not in exclude and item not in chosen:
+                chosen.append(item)
+        cands = chosen + [target]
+        rng.shuffle(cands)
+        return cands
+
+
+def with_target(candidates: list[int], target: int, shuffle: bool, key: str) -> list[int]:
+    """Retriever candidates holding the target: a missed target replaces a seeded random slot; then an optional seeded shuffle."""
+    cands, rng = list(candidates), random.Random(key)
+    if target not in cands:
+        cands[rng.randrange(len(cands))] = target
+    if shuffle:
+        rng.shuffle(cands)
     return cands
 
 
-def letter_ids(tokenizer, prompt: str, n: int) -> list[int]:
-    """Token id of each answer letter exactly as it tokenizes after `prompt` (pitfall 1: never "▁A")."""
-    base = tokenizer(prompt, add_special_tokens=False).input_ids
-    ids = []
-    for letter in string.ascii_uppercase[:n]:
-        full = tokenizer(prompt + letter, add_special_tokens=False).input_ids
-        if full[: len(base)] != base or len(full) != len(base) + 1:
-            raise UlmrecError(f"tasks: the answer letter {letter!r} is not a single token after the prompt for this tokenizer")
-        ids.append(full[-1])
-    return ids
+def next_item_row(builder: PromptBuilder, user_field: str | None, history: list[int], cands: list[int], target: int | None,
+                  task: str = "next_item", preference: str | None = None, **extra) -> dict:
+    parts = {"user": user_field, "preference": preference, "candidates": builder.candidate_block(cands)}
+    prompt = builder.prompt(task, parts, builder.history_lines(history) if history else [])
+    pos = cands.index(target) if target in cands else -1  # -1 only when serving a user the retriever missed
+    return {"prompt": prompt, "completion": LETTERS[pos] if pos >= 0 else "", "task": task, "candidates": cands, "target": target,
+            "target_position": pos, **extra}
 
 
-def next_item_rows(split_rows, users, index, builder: PromptBuilder, args, seed, split, with_history=True, train=False):
-    rows = []
-    for r in split_rows:
-        if not train and r["target_rank"] is None:
-            continue
-        cands = order_candidates(r["candidates"], r["target"] if train else None, args.candidate_order, seed, f"{split}-{r['user_id']}")
-        u = users[r["user_id"]]
-        history = builder.history_lines(r["history"]) if with_history else []
-        prompt = builder.prompt("next_item", {"user": index.get(u["user"]), "candidates": builder.candidate_block(cands)}, history)
-        pos = cands.index(r["target"]) if r["target"] in cands else -1  # -1 only when serving a user the retriever missed
-        rows.append({"prompt": prompt, "completion": builder.letters[pos] if pos >= 0 else "", "task": "next_item", "user_id": r["user_id"],
-                     "candidates": cands, "target": r["target"], "target_position": pos})
-    return rows
+def training_targets(users: list[dict], mode: str) -> list[tuple[int, int]]:
+    """(user row, position in the full sequence) of every next-item training target."""
+    if mode == "last":
+        return [(u, len(row["items"]) - 3) for u, row in enumerate(users)]
+    return [(u, t) for u, row in enumerate(users) for t in range(1, len(row["items"]) - 2)]
 
 
-def build_train_tasks(tasks, cand_train, users, index, prefs, builder, args, seed, has_ratings):
-    """One list of rows per enabled task (all from training interactions only)."""
-    out = {t: [] for t in tasks}
-    for r in cand_train:
-        u = users[r["user_id"]]
-        idx, pref = index.get(u["user"]), prefs.get(u["user"])
-        train_items = u["items"][:-2]
-        if "next_item" in tasks:
-            out["next_item"] += next_item_rows([r], users, index, builder, args, seed, "train", train=True)
-        meta = {"user_id": r["user_id"], "candidates": [], "target": -1, "target_position": -1}
-        if "index_to_preference" in tasks:
-            out["index_to_preference"].append({"prompt": builder.prompt("index_to_preference", {"user": idx}), "completion": pref, "task": "index_to_preference", **meta})
-        if "preference_to_index" in tasks:
-            out["preference_to_index"].append({"prompt": builder.prompt("preference_to_index", {"preference": pref}), "completion": idx, "task": "preference_to_index", **meta})
-        if "history_to_index" in tasks:
-            prompt = builder.prompt("history_to_index", {}, builder.history_lines(train_items))
-            out["history_to_index"].append({"prompt": prompt, "completion": idx, "task": "history_to_index", **meta})
-        if "rating" in tasks and has_ratings:
-            hist, ratings = u["items"][:-3], u["ratings"][:-3]
-            prompt = builder.prompt("rating", {"user": idx, "preference": pref, "target": f"Next item: {builder.titles[u['items'][-3]]}"},
-                                    builder.history_lines(hist, ratings))
-            out["rating"].append({"prompt": prompt, "completion": f"{u['ratings'][-3]:g}", "task": "rating", **meta})
-        if "intent" in tasks:
-            cands = order_candidates(r["candidates"], r["target"], args.candidate_order, seed + 1, f"intent-{r['user_id']}")
-            prompt = builder.prompt("intent", {"preference": pref, "candidates": builder.candidate_block(cands)})
-            out["intent"].append({"prompt": prompt, "completion": builder.letters[cands.index(r["target"])], "task": "intent",
-                                  "user_id": r["user_id"], "candidates": cands, "target": r["target"], "target_position": cands.index(r["target"])})
-    return out
+def sample(rows: list, n: int | None, key: str) -> list:
+    if n is None or len(rows) <= n:
+        return rows
+    return [rows[i] for i in sorted(random.Random(key).sample(range(len(rows)), n))]
+
+
+class TaskBuilder:
+    """Rows of every task from the training part of each sequence (items[:-2]); validation/test rows from the retriever."""
+
+    def __init__(self, args: TaskArguments, protocol: dict, users: list[dict], builder: PromptBuilder, index: dict, prefs: dict,
+                 train_cands, n_candidates: int):
+        self.args, self.protocol, self.users, self.builder, self.index, self.prefs = args, protocol, users, builder, index, prefs
+        self.row_of = {u["user_id"]: n for n, u in enumerate(users)}
+        self.train_cands = {r["user_id"]: r["candidates"] for r in train_cands} if train_cands is not None else {}
+        self.negatives = Negatives(sorted(builder.titles), n_candidates, args.seed)
+
+    def candidates(self, user: dict, t: int, key: str) -> list[int]:
+        target = user["items"][t]
+        if self.protocol["train_candidates"] == "random":
+            return self.negatives.candidates(target, set(user["items"][:-2]), f"{key}-{user['user_id']}-{t}")
+        shuffle = self.protocol["eval_order"] == "shuffled"
+        return with_target(self.train_cands[user["user_id"]], target, shuffle, f"{self.args.seed}-{key}-{user['user_id']}")
+
+    def next_item(self, targets: list[tuple[int, int]]) -> list[dict]:
+        from tqdm.auto import tqdm
+
+        rows = []
+        for u, t in tqdm(targets, desc="next-item rows", leave=False, mininterval=2):
+            user = self.users[u]
+            cands = self.candidates(user, t, "next")
+            rows.append(next_item_row(self.builder, self.index.get(user["user"]), user["items"][:t], cands, user["items"][t],
+                                      user_id=user["user_id"]))
+        return rows
+
+    def alignment(self, task: str, users: list[dict]) -> list[dict]:
+        rows, b = [], self.builder
+        for user in users:
+            idx, pref, last = self.index.get(user["user"]), self.prefs.get(user["user"]), len(user["items"]) - 3
+            meta = {"task": task, "user_id": user["user_id"], "candidates": [], "target": -1, "target_position": -1}
+            if task == "index_to_preference":
+                rows.append({"prompt": b.prompt(task, {"user": idx}), "completion": pref, **meta})
+            elif task == "preference_to_index":
+                rows.append({"prompt": b.prompt(task, {"preference": pref}), "completion": idx, **meta})
+            elif task == "history_to_index":
+                rows.append({"prompt": b.prompt(task, {}, b.history_lines(user["items"][:-2])), "completion": idx, **meta})
+            elif task == "rating":
+                parts = {"user": idx, "preference": pref, "target": f"Next item: {b.titles[user['items'][last]]}"}
+                prompt = b.prompt(task, parts, b.history_lines(user["items"][:last], user["ratings"][:last]))
+                rows.append({"prompt": prompt, "completion": f"{user['ratings'][last]:g}", **meta})
+            elif task == "intent":
+                cands = self.candidates(user, last, "intent")
+                rows.append(next_item_row(b, None, [], cands, user["items"][last], task="intent", preference=pref, user_id=user["user_id"]))
+        return rows
 
 
 def enabled_tasks(args: TaskArguments, has_ratings: bool, has_index: bool, has_prefs: bool) -> tuple[list[str], dict]:
@@ -203,82 +223,90 @@ def enabled_tasks(args: TaskArguments, has_ratings: bool, has_index: bool, has_p
     return tasks, skipped
 
 
-def load_inputs(run_args: RunArguments):
+def mixture_counts(tasks: list[str], n_next: int, n_users: int, args: TaskArguments) -> dict[str, int]:
+    """Rows per task: next-item rows, then each alignment task in proportion p_task / p_next_item (at most one per user)."""
+    counts = {"next_item": n_next}
+    for t in tasks[1:]:
+        want = round(n_next * getattr(args, f"p_{t}") / args.p_next_item)
+        if want > n_users:
+            logger.info("tasks: %s wants %d rows for its proportion but has %d users; using %d", t, want, n_users, n_users)
+        counts[t] = min(want, n_users)
+    return counts
+
+
+def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str | None, eval_seed: int, split: str, with_history: bool = True) -> dict:
+    """The next-item prompt of one validation/test candidate row (serving builds the same one)."""
+    cands = list(r["candidates"])
+    if eval_order == "shuffled":
+        random.Random(f"{eval_seed}-{split}-{r['user_id']}").shuffle(cands)
+    score = dict(zip(r["candidates"], r["scores"]))
+    return next_item_row(builder, user_field, r["history"] if with_history else [], cands, r["target"], user_id=r["user_id"],
+                         retriever_scores=[score[c] for c in cands], retriever_rank=r["target_rank"])
+
+
+def eval_rows(split_rows, tb: TaskBuilder, eval_seed: int, split: str, with_history: bool) -> list[dict]:
+    """Validation/test rows of the users whose ground truth the retriever found (the "rank" users)."""
+    return [eval_row(tb.builder, tb.protocol["eval_order"], r, tb.index.get(tb.users[tb.row_of[r["user_id"]]]["user"]), eval_seed, split, with_history)
+            for r in split_rows if r["target_rank"] is not None]
+
+
+def write_eval_sets(run: RunDir, cands, tb: TaskBuilder, args: TaskArguments, out: Path) -> dict:
     import datasets
 
-    paths = {name: require(stage_dir(run_args, name), command) for name, command in (("data", "prepare"), ("retriever", "retrieve"), ("user_index", "index"))}
-    data = datasets.load_from_disk(str(paths["data"]))
-    if any(t is None for t in data["items"]["title"]):
-        raise UlmrecError(f"{paths['data']}: some items have no title; title-based stages need data prepared with --titles required")
-    cands = datasets.load_from_disk(str(paths["retriever"] / "candidates"))
-    index = datasets.load_from_disk(str(paths["user_index"] / "index"))
-    pref_file = stage_dir(run_args, "preferences") / "preferences.jsonl"
-    prefs = {r["user"]: r["preference"] for r in map(json.loads, pref_file.read_text().splitlines())} if pref_file.exists() else {}
-    return data, cands, dict(zip(index["user"], index["index"])), prefs
+    eval_seed = args.seed if args.eval_seed is None else args.eval_seed
+    meta = {"eval_order": tb.protocol["eval_order"], "eval_seed": eval_seed}
+    for split in ("validation", "test"):
+        rows = cands[split]
+        cap = args.max_eval_users if split == "test" or args.max_validation_users is None else args.max_validation_users
+        picked = sample(list(range(len(rows))), cap, f"{eval_seed}-{split}")  # a sample of *all* users keeps overall metrics per user
+        chosen = rows.select(picked)
+        meta[split] = {"users": len(picked), "in_candidates": sum(r is not None for r in chosen["target_rank"]), "all_users": len(rows)}
+        kinds = [("", True), ("_uid_only", False)] if any(tb.index.values()) else [("", True)]  # uid-only needs a user field
+        for suffix, with_history in kinds:
+            datasets.Dataset.from_list(eval_rows(chosen, tb, eval_seed, split, with_history)).save_to_disk(str(out / f"next_item_{split}{suffix}"))
+    return meta
 
 
-def main(run_args: RunArguments, args: TaskArguments) -> Path:
+def main(stage: StageArguments, args: TaskArguments) -> Path:
     import datasets
 
     from .llm import load_tokenizer
 
-    out = stage_dir(run_args, "tasks")
-    if should_skip(run_args, out, "tasks"):
-        return out
-    data, cands, index, prefs = load_inputs(run_args)
-    users = {u["user_id"]: u for u in data["users"].to_list()}
-    has_ratings = "ratings" in data["users"].column_names
-    tasks, skipped = enabled_tasks(args, has_ratings, any(index.values()), bool(prefs))
+    run = RunDir(stage.run_dir)
+    protocol = resolve_protocol(args)
     tokenizer = load_tokenizer(args.model_name_or_path)
-    builder = PromptBuilder(tokenizer, dict(zip(data["items"]["item_id"], data["items"]["title"])), args)
-    per_task = build_train_tasks(tasks, train_users(cands["train"], args.max_train_samples, run_args.seed), users, index, prefs, builder,
-                                 args, run_args.seed, has_ratings)
-    out.mkdir(parents=True, exist_ok=True)
-    parts = {t: datasets.Dataset.from_list(rows) for t, rows in per_task.items() if rows}
+    settings = {"tasks": settings_of(args), "tokenizer": tokenizer_fingerprint(tokenizer)}
+    if not run.begin("tasks", settings, stage.overwrite, inputs=("prepare", "retrieve", "index", "preferences?")):
+        return run.path("tasks")
+    out = run.path("tasks")
+    data, cands, index, prefs = run.prepared(), run.candidates(), run.index(), run.preferences(required=False)
+    if any(t is None for t in data["items"]["title"]):
+        raise UlmrecError(f"{run.path('prepare')}: some items have no title; title-based stages need data prepared with titles: required")
+    users = data["users"].to_list()
+    tasks, skipped = enabled_tasks(args, "ratings" in data["users"].column_names, any(index.values()), bool(prefs))
+    builder = build_builder(tokenizer, run.titles(), args)
+    tb = TaskBuilder(args, protocol, users, builder, index, prefs, cands["train"], len(cands["test"][0]["candidates"]))
+    targets = sample(training_targets(users, protocol["train_targets"]), args.max_train_samples, f"{args.seed}-train")
+    counts = mixture_counts(tasks, len(targets), len(users), args)
+    parts = {"next_item": tb.next_item(targets)}
+    for t in tasks[1:]:
+        eligible = [u for u in users if (t not in NEEDS_PREFERENCE or prefs.get(u["user"])) and (t not in NEEDS_INDEX or index.get(u["user"]))]
+        parts[t] = tb.alignment(t, sample(eligible, counts[t], f"{args.seed}-{t}"))
+    parts = {t: datasets.Dataset.from_list(rows) for t, rows in parts.items() if rows}
     for t, ds in parts.items():
         ds.save_to_disk(str(out / t))
-    probs = [getattr(args, f"p_{t}") for t in parts]
-    mixed = datasets.interleave_datasets(list(parts.values()), probabilities=[p / sum(probs) for p in probs], seed=run_args.seed,
-                                         stopping_strategy="first_exhausted")
-    if args.max_train_samples:
-        mixed = mixed.select(range(min(args.max_train_samples, len(mixed))))
-    mixed.save_to_disk(str(out / "train"))
-    eval_seed = run_args.seed if args.eval_seed is None else args.eval_seed
-    eval_meta = write_eval_sets(cands, users, index, builder, args, eval_seed, out)
-    ids = letter_ids(tokenizer, per_task["next_item"][0]["prompt"], len(cands["test"][0]["candidates"]))
-    mixture = {"tasks": {t: {"probability": round(p / sum(probs), 4), "rows": len(parts[t]), "in_mixture": mixed["task"].count(t)}
-                         for t, p in zip(parts, probs)},
-               "skipped": skipped, "train_samples": len(mixed), "candidate_order": args.candidate_order, "seed": run_args.seed, "letter_token_ids": ids,
-               "args": asdict(args)}
+    mixed = datasets.concatenate_datasets([ds.select_columns(["prompt", "completion", "task", "user_id", "target_position"]) for ds in parts.values()])
+    mixed.shuffle(seed=args.seed).flatten_indices().save_to_disk(str(out / "train"))
+    eval_meta = write_eval_sets(run, cands, tb, args, out)
+    ids = letter_ids(tokenizer, parts["next_item"][0]["prompt"], len(cands["test"][0]["candidates"]))
+    total_p = sum(getattr(args, f"p_{t}") for t in parts)
+    mixture = {"protocol": {"name": args.protocol, **protocol}, "model_name_or_path": args.model_name_or_path, "tokenizer": settings["tokenizer"],
+               "tasks": {t: {"proportion": round(getattr(args, f"p_{t}") / total_p, 4), "rows": len(ds)} for t, ds in parts.items()},
+               "skipped": skipped, "train_samples": len(mixed), "next_item_samples": len(parts["next_item"]),
+               "num_candidates": len(ids), "letter_token_ids": ids, "seed": args.seed}
     write_json(out / "mixture.json", mixture)
     write_json(out / "eval_meta.json", eval_meta)
-    mark_complete(out)
-    logger.info("tasks: %d mixed training samples from %s; eval users %s", len(mixed), list(parts), eval_meta)
+    run.finish("tasks")
+    logger.info("tasks: %d training rows (%s), protocol %s; evaluation users %s", len(mixed),
+                ", ".join(f"{t} {len(ds)}" for t, ds in parts.items()), protocol, eval_meta)
     return out
-
-
-def train_users(rows, max_samples: int | None, seed: int):
-    """A seeded sample of training users, enough for `max_samples` mixed rows (each user gives one row per task)."""
-    if not max_samples or len(rows) <= max_samples:
-        return rows
-    return rows.select(sorted(random.Random(f"{seed}-train").sample(range(len(rows)), max_samples)))
-
-
-def write_eval_sets(cands, users, index, builder, args, seed, out: Path) -> dict:
-    import datasets
-
-    meta = {"candidate_order": args.candidate_order, "eval_seed": seed}
-    for split in ("validation", "test"):
-        rows = cands[split]
-        sample = list(range(len(rows)))
-        cap = args.max_eval_users if split == "test" or args.max_validation_users is None else args.max_validation_users
-        if cap and len(rows) > cap:  # a seeded sample of *all* users keeps overall metrics per user
-            sample = sorted(random.Random(f"{seed}-{split}").sample(sample, cap))
-        ranks = [rows[i]["target_rank"] for i in sample]
-        chosen = rows.select([i for i, r in zip(sample, ranks) if r is not None])
-        meta[split] = {"users": len(sample), "in_candidates": len(chosen), "all_users": len(rows)}
-        kinds = [("", True), ("_uid_only", False)] if any(index.values()) else [("", True)]  # uid-only needs a user index
-        for suffix, with_history in kinds:
-            data = next_item_rows(chosen, users, index, builder, args, seed, split, with_history=with_history)
-            datasets.Dataset.from_list(data).save_to_disk(str(out / f"next_item_{split}{suffix}"))
-    return meta

@@ -1,102 +1,176 @@
-"""Alignment tuning (paper §4.3): (Q)LoRA SFT on the task mixture, evaluated by the letter verbalizer.
+"""Training stage (paper §4.2-4.3): (Q)LoRA SFT of the base LLM on the task mixture with TRL's SFTTrainer.
 
-TRL's `SFTTrainer` with completion-only loss. Index tokens are added to the tokenizer and their
-embedding rows are trained (PEFT `trainable_token_indices`; the LM-head rows too when untied).
-`VerbalizerSFTTrainer.prediction_step` scores next-item validation prompts by the answer letters
-(a forward without labels, last prompt position, letter rows only), so the Trainer reports
-validation NDCG@10 every `eval_steps` and keeps the best checkpoint by it.
-QLoRA (NF4, double quantisation, bf16 compute) when CUDA and bitsandbytes are present, LoRA otherwise.
+- Loss on the completion only (the answer and EOS), computed from logits at labelled positions only.
+- The added index tokens' embedding rows are trained (PEFT `trainable_token_indices`) and saved as those rows only:
+  the adapter and every checkpoint hold the LoRA matrices and the index-token rows, never the base's embedding.
+- `VerbalizerSFTTrainer.prediction_step` scores next-item validation prompts by the answer letters, so the Trainer
+  reports validation NDCG@10 every `eval_steps` and keeps the best checkpoint by it.
+
+Defaults are the paper's (LoRA r=8, alpha 32, dropout 0.05, lr 1e-4, 1 epoch, AdamW). Unset options are derived and
+logged, never replaced when given: `model_name_or_path` from the tasks stage; `load_in_4bit` (QLoRA, NF4 with double
+quantisation) when CUDA and bitsandbytes are present; `dtype` bfloat16 with CUDA or 4-bit, else float32; `bf16` and
+activation checkpointing on with CUDA only; `use_cpu` without CUDA; `save_steps` = `eval_steps`. Contradictions are errors.
 """
 
+import functools
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from trl import ModelConfig, SFTConfig
 
-from .common import UlmrecError, mark_complete, read_json, require, write_json
+from .common import StageArguments, UlmrecError, settings_of, write_json
+from .layout import RunDir
 
 logger = logging.getLogger(__name__)
+METRICS = ("mrr@1", "mrr@5", "mrr@10", "ndcg@1", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10")
+# SFTConfig fields that change the adapter (the rest only change logging, saving or speed)
+TRAINING_SETTINGS = ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+                     "lr_scheduler_type", "warmup_steps", "warmup_ratio", "weight_decay", "optim", "adam_beta1", "adam_beta2",
+                     "adam_epsilon", "max_grad_norm", "bf16", "fp16", "max_length", "eval_steps", "seed", "data_seed",
+                     "padding_free", "completion_only_loss", "metric_for_best_model", "load_best_model_at_end", "neftune_noise_alpha")
+
+
+def cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 @dataclass
 class RankerArguments:
-    run_dir: str = field(default="runs/demo", metadata={"help": "Run directory shared by all stages.", "aliases": ["--run"]})
-    overwrite: bool = field(default=False, metadata={"help": "Redo a stage even if its output is complete."})
-    quantization: str = field(default="auto", metadata={"help": "'auto': 4-bit QLoRA when CUDA + bitsandbytes exist; '4bit' or 'none' to force.", "choices": ["auto", "4bit", "none"]})
+    _argument_group_name = "ranker"
     train_index_embeddings: bool = field(default=True, metadata={"help": "Train the embedding rows of the added index tokens."})
-    eval_before_training: bool = field(default=True, metadata={"help": "Score the untrained model first (the zero-shot baseline)."})
+    eval_before_training: bool = field(default=True, metadata={"help": "Score the untrained model on validation first (the zero-shot baseline)."})
     lora_last_layers: int | None = field(default=None, metadata={"help": "LoRA on only the last N decoder layers: the backward stops there unless index-token rows are trained (default: all)."})
 
 
-PAPER_DEFAULTS = {"learning_rate": 1e-4, "num_train_epochs": 1.0, "optim": "adamw_torch", "lora_r": 8, "lora_alpha": 32,
-                  "lora_dropout": 0.05, "eval_steps": 100, "logging_steps": 10, "report_to": ["tensorboard"]}
+@dataclass
+class RankerModelConfig(ModelConfig):
+    """TRL's ModelConfig with the paper's LoRA and derived precision (see the module docstring)."""
+
+    _argument_group_name = "model (TRL ModelConfig)"
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Base LLM (default: the one the tasks stage tokenized for)."})
+    dtype: str | None = field(default=None, metadata={"help": "Weights/compute dtype (default: bfloat16 with CUDA or 4-bit, else float32).", "choices": ["bfloat16", "float16", "float32", "auto"]})
+    use_peft: bool = field(default=True, metadata={"help": "Train a LoRA adapter (the only mode ulmrec supports)."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    load_in_4bit: bool | None = field(default=None, metadata={"help": "QLoRA: a 4-bit NF4 base (default: on with CUDA and bitsandbytes)."})
+    use_bnb_nested_quant: bool | None = field(default=None, metadata={"help": "Double quantisation of the 4-bit base (default: on with 4-bit)."})
 
 
-def parser_defaults() -> dict:
-    """The paper's settings; without a GPU, SFTConfig's bf16 and activation checkpointing are switched off."""
-    import torch
+@dataclass
+class RankerTrainingConfig(SFTConfig):
+    """TRL's SFTConfig with the paper's optimisation and ulmrec's checkpoint selection (see the module docstring)."""
 
-    cpu = {} if torch.cuda.is_available() else {"use_cpu": True, "bf16": False, "gradient_checkpointing": False}
-    return {**PAPER_DEFAULTS, **cpu}
+    _argument_group_name = "training (TRL SFTConfig)"
+    output_dir: str | None = field(default=None, metadata={"help": "Not used: checkpoints go to <run_dir>/ranker/checkpoints."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (the paper's 1e-4)."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the mixture (the paper: 1)."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer (the paper: AdamW)."})
+    eval_strategy: str = field(default="steps", metadata={"help": "When to score validation NDCG@10 and checkpoint."})
+    eval_steps: float | None = field(default=100, metadata={"help": "Steps between validations (the paper: 100)."})
+    save_steps: float | None = field(default=None, metadata={"help": "Steps between checkpoints (default: eval_steps)."})
+    metric_for_best_model: str | None = field(default="ndcg@10", metadata={"help": "Validation metric that picks the kept checkpoint."})
+    greater_is_better: bool | None = field(default=True, metadata={"help": "Higher metric is better."})
+    load_best_model_at_end: bool = field(default=True, metadata={"help": "Keep the best checkpoint by metric_for_best_model (else the last)."})
+    report_to: None | str | list[str] = field(default="tensorboard", metadata={"help": "Logging integrations (TensorBoard under checkpoints/runs)."})
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 mixed precision (default: on with CUDA only)."})
+    use_cpu: bool | None = field(default=None, metadata={"help": "Train on the CPU (default: when there is no CUDA; makes a CPU multi-process launch real DDP)."})
+    gradient_checkpointing: bool | None = field(default=None, metadata={"help": "Deprecated alias of activation_checkpointing."})
+    activation_checkpointing: bool | None = field(default=None, metadata={"help": "Activation checkpointing (default: on with CUDA only)."})
+    max_length: int | None = field(default=None, metadata={"help": "Truncation length; default none, since `tasks` already fits every prompt."})
+    completion_only_loss: bool | None = field(default=True, metadata={"help": "Loss on the answer only (required by the verbalizer evaluation)."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={"help": "DDP setting; LoRA has no unused parameters."})
+
+    def __post_init__(self):
+        if self.use_cpu is None:
+            self.use_cpu = not cuda()
+        if self.bf16 is None and not self.fp16:
+            import torch
+
+            self.bf16 = bool(cuda() and torch.cuda.is_bf16_supported())
+        if self.gradient_checkpointing is None and self.activation_checkpointing is None:
+            self.activation_checkpointing = cuda()
+        self.given_output_dir = self.output_dir
+        self.save_steps = self.eval_steps if self.save_steps is None else self.save_steps
+        super().__post_init__()
 
 
-def use_4bit(choice: str) -> bool:
+ARGUMENTS = (StageArguments, RankerArguments, RankerModelConfig, RankerTrainingConfig)
+
+
+def resolve(model_args: RankerModelConfig, training_args: RankerTrainingConfig, run: RunDir, mixture: dict) -> dict:
+    """Fill the derived defaults (logged), reject contradictions; returns what was derived."""
     import importlib.util
 
-    import torch
+    derived = {}
+    if model_args.model_name_or_path is None:
+        derived["model_name_or_path"] = model_args.model_name_or_path = mixture["model_name_or_path"]
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    if model_args.load_in_4bit is None:
+        derived["load_in_4bit"] = model_args.load_in_4bit = cuda() and has_bnb
+    if model_args.load_in_4bit and not has_bnb:
+        raise UlmrecError("train: --load_in_4bit true needs bitsandbytes (pip install -e .[cuda])")
+    if model_args.load_in_4bit and not cuda():
+        logger.warning("train: 4-bit on the CPU (bitsandbytes' CPU kernels) is slow; it is meant for tests")
+    if model_args.use_bnb_nested_quant is None:
+        derived["use_bnb_nested_quant"] = model_args.use_bnb_nested_quant = bool(model_args.load_in_4bit)
+    if model_args.dtype in (None, "auto"):
+        derived["dtype"] = model_args.dtype = "bfloat16" if (cuda() or model_args.load_in_4bit) else "float32"
+    problems = []
+    if not model_args.use_peft:
+        problems.append("--use_peft false: ulmrec trains LoRA adapters only")
+    if model_args.load_in_8bit:
+        problems.append("--load_in_8bit: the paper's QLoRA is 4-bit (--load_in_4bit)")
+    if training_args.given_output_dir is not None:
+        problems.append(f"--output_dir: checkpoints always go to {run.checkpoints}; choose --run_dir instead")
+    if training_args.push_to_hub:
+        problems.append("--push_to_hub would upload ranker/checkpoints; after training, `ulmrec push --run_dir RUN --model_repo ID` "
+                        "uploads the adapter with its card")
+    if training_args.metric_for_best_model not in METRICS:
+        problems.append(f"--metric_for_best_model {training_args.metric_for_best_model}: validation reports {', '.join(METRICS)}")
+    if not training_args.completion_only_loss:
+        problems.append("--completion_only_loss false: the verbalizer evaluation reads the answer from completion-only labels")
+    if training_args.eval_strategy == "no":
+        problems.append("--eval_strategy no: the checkpoint is chosen by validation NDCG@10")
+    if problems:
+        raise UlmrecError("train: " + "; ".join(problems))
+    training_args.output_dir = str(run.checkpoints)
+    for key, value in derived.items():
+        logger.info("train: %s not given; using %s", key, value)
+    return derived
 
-    available = torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
-    if choice == "4bit" and not importlib.util.find_spec("bitsandbytes"):
-        raise UlmrecError("train: --quantization 4bit needs bitsandbytes (pip install -e .[cuda])")
-    return choice == "4bit" or (choice == "auto" and available)
+
+def ranker_tokenizer(model_args, run: RunDir, mixture: dict):
+    """The base tokenizer (checked against the one the prompts were built with) plus the index tokens."""
+    from .llm import load_tokenizer
+    from .prompts import add_index_tokens, tokenizer_fingerprint
+
+    tokenizer = load_tokenizer(model_args.model_name_or_path, padding_side="right")
+    if tokenizer_fingerprint(tokenizer) != mixture["tokenizer"]:
+        raise UlmrecError(f"train: {model_args.model_name_or_path} has another tokenizer than the one the tasks stage used "
+                          f"({mixture['model_name_or_path']}); the letter ids and prompt lengths would not match. Run "
+                          f"`ulmrec tasks --model_name_or_path {model_args.model_name_or_path} --overwrite` first")
+    tokens = run.index_tokens()
+    return tokenizer, (add_index_tokens(tokenizer, tokens) if tokens else [])
 
 
-def disable_cpu_repack(model) -> None:
-    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at eval and silently zeroes LoRA gradients."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-
-
-def add_index_tokens(tokenizer, tokens: list[str]) -> list[int]:
-    from tokenizers import AddedToken
-
-    tokenizer.add_tokens([AddedToken(t, single_word=False, normalized=False) for t in tokens])
-    ids = tokenizer.convert_tokens_to_ids(tokens)
-    for token, tid in zip(tokens, ids):
-        if tokenizer(token, add_special_tokens=False).input_ids != [tid]:
-            raise UlmrecError(f"train: index token {token} does not tokenize to one id")
-    return ids
-
-
-def build_model(model_args: ModelConfig, ranker: RankerArguments, tokenizer, new_ids: list[int], cpu: bool):
+def build_model(model_args: RankerModelConfig, ranker: RankerArguments, tokenizer, new_ids: list[int], device_index: int = 0):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from accelerate import PartialState
     from trl import get_peft_config, get_quantization_config
 
     from .llm import resolve_model_path
+    from .prompts import resize_embeddings
+    from .ranker import disable_cpu_repack
 
-    model_args.load_in_4bit = use_4bit(ranker.quantization)
-    if model_args.load_in_4bit:
-        model_args.use_bnb_nested_quant, model_args.bnb_4bit_quant_type = True, "nf4"
-        model_args.dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "bfloat16"
-    dtype = model_args.dtype if model_args.dtype not in (None, "auto") else "float32"
     quant = get_quantization_config(model_args)
-    kwargs = {"dtype": getattr(torch, dtype), "attn_implementation": model_args.attn_implementation or "sdpa"}
+    kwargs = {"dtype": getattr(torch, model_args.dtype), "attn_implementation": model_args.attn_implementation or "sdpa"}
     if quant is not None:
-        kwargs.update(quantization_config=quant, device_map="cpu" if cpu else {"": PartialState().local_process_index})
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path), **kwargs)
-    model.resize_token_embeddings(len(tokenizer))
+        kwargs.update(quantization_config=quant, device_map={"": device_index} if cuda() else "cpu")
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path), revision=model_args.model_revision, **kwargs)
+    resize_embeddings(model, len(tokenizer))
     disable_cpu_repack(model)
-    model_args.use_peft = True
     peft_config = get_peft_config(model_args)
     if ranker.lora_last_layers:
         n = model.config.num_hidden_layers
@@ -106,7 +180,17 @@ def build_model(model_args: ModelConfig, ranker: RankerArguments, tokenizer, new
     if ranker.train_index_embeddings and new_ids:
         tied = getattr(model.config, "tie_word_embeddings", False)
         peft_config.trainable_token_indices = {"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids}
-    return model, peft_config, dtype, model_args.load_in_4bit
+    return model, peft_config
+
+
+def sequences(inputs: dict) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) of each sample of a batch, padded (attention_mask) or padding-free (position_ids restart at 0)."""
+    ids, labels = inputs["input_ids"].tolist(), inputs["labels"].tolist()
+    if "attention_mask" in inputs:
+        mask = inputs["attention_mask"].tolist()
+        return [([t for t, m in zip(i, ms) if m], [x for x, m in zip(lab, ms) if m]) for i, lab, ms in zip(ids, labels, mask)]
+    starts = [p for p, pos in enumerate(inputs["position_ids"][0].tolist()) if pos == 0] + [len(ids[0])]
+    return [(ids[0][a:b], labels[0][a:b]) for a, b in zip(starts, starts[1:])]
 
 
 def make_trainer_class():
@@ -127,104 +211,129 @@ def make_trainer_class():
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             """Causal-LM loss on completion tokens, with logits only at the positions that have labels.
 
-            TRL's fused LM head multiplies by `lm_head.weight` directly, which bypasses PEFT's trainable
-            index-token rows; the model's own head module applies them."""
+            TRL's fused LM head multiplies by `lm_head.weight` directly, which bypasses PEFT's trainable index-token
+            rows; the model's own head module applies them."""
             labels = inputs["labels"][:, 1:]
             positions = (labels != -100).any(0).nonzero().squeeze(-1)
-            outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], logits_to_keep=positions)
+            features = {k: v for k, v in inputs.items() if k != "labels"}
+            outputs = model(**features, logits_to_keep=positions)
             logits = outputs.logits
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, positions].reshape(-1), ignore_index=-100)
             return (loss, outputs) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-            labels = inputs["labels"]
-            starts = (labels != -100).int().argmax(1)  # first completion token = the answer letter
-            gold = torch.tensor([self.letter_index[int(labels[i, s])] for i, s in enumerate(starts.tolist())], device=labels.device)
-            rows = [inputs["input_ids"][i, :s].tolist() for i, s in enumerate(starts.tolist())]
-            ids, mask = left_pad(rows, self.processing_class.pad_token_id, labels.device)
+            device = inputs["input_ids"].device
+            rows, gold = [], []
+            for ids, labels in sequences(inputs):
+                start = next(p for p, x in enumerate(labels) if x != -100)  # the first completion token: the answer letter
+                rows.append(ids[:start])
+                gold.append(self.letter_index[labels[start]])
+            input_ids, mask = left_pad(rows, self.processing_class.pad_token_id, device)
             with torch.no_grad():
-                scores = score_batch(model, ids, mask, self.letter_ids)
-            return None, scores, gold
+                scores = score_batch(model, input_ids, mask, self.letter_ids)
+            return None, scores, torch.tensor(gold, device=device)
+
+        def _save(self, output_dir=None, state_dict=None):
+            # PEFT adds full copies of a resized embedding and head to every save ("auto"); the trained index-token
+            # rows are already in trainable_tokens_delta, and `resize_embeddings` rebuilds the rest on load.
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            model.save_pretrained = functools.partial(type(model).save_pretrained, model, save_embedding_layers=False)
+            try:
+                super()._save(output_dir, state_dict)
+            finally:
+                del model.save_pretrained
 
     return VerbalizerSFTTrainer
 
 
-def configure(training_args: SFTConfig, out: Path, cpu: bool) -> None:
-    training_args.output_dir = str(out / "checkpoints")
-    training_args.completion_only_loss = True
-    training_args.eval_strategy = "steps" if training_args.eval_strategy == "no" else training_args.eval_strategy
-    training_args.save_strategy = training_args.eval_strategy
-    training_args.save_steps = training_args.eval_steps
-    training_args.metric_for_best_model, training_args.greater_is_better = "ndcg@10", True
-    training_args.load_best_model_at_end = True
-    training_args.prediction_loss_only = False
-    if cpu:
-        training_args.bf16 = training_args.fp16 = False
-        training_args.gradient_checkpointing = False
-        training_args.use_cpu = True
-    training_args.ddp_find_unused_parameters = False
+def last_checkpoint(folder: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return Path(get_last_checkpoint(str(folder))) if folder.exists() and get_last_checkpoint(str(folder)) else None
 
 
-def build_trainer(ranker: RankerArguments, training_args: SFTConfig, model_args: ModelConfig):
-    """The configured `VerbalizerSFTTrainer` and what `main` needs to save next to the adapter."""
-    import datasets
+def build_trainer(run: RunDir, ranker: RankerArguments, model_args: RankerModelConfig, training_args: RankerTrainingConfig, mixture: dict):
+    """The configured VerbalizerSFTTrainer on the run's mixture (derived defaults already resolved)."""
+    from accelerate import PartialState
+
+    from .ranker import compute_metrics, disable_cpu_repack
+
+    tokenizer, new_ids = ranker_tokenizer(model_args, run, mixture)
+    model, peft_config = build_model(model_args, ranker, tokenizer, new_ids, PartialState().local_process_index)
+    trainer = make_trainer_class()(model=model, args=training_args, train_dataset=run.task("train"), eval_dataset=run.task("next_item_validation"),
+                                   processing_class=tokenizer, peft_config=peft_config, compute_metrics=compute_metrics,
+                                   letter_ids=mixture["letter_token_ids"])
+    disable_cpu_repack(trainer.model)
+    return trainer, new_ids
+
+
+def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModelConfig, training_args: RankerTrainingConfig) -> Path:
     import torch
 
-    from .llm import load_tokenizer
-    from .ranker import compute_metrics
-
-    run = Path(ranker.run_dir)
-    out, tasks_dir = run / "ranker", run / "tasks"
-    require(tasks_dir, "tasks")
-    mixture = read_json(tasks_dir / "mixture.json")
-    model_args.model_name_or_path = model_args.model_name_or_path or mixture["args"]["model_name_or_path"]
-    cpu = not torch.cuda.is_available()
-    configure(training_args, out, cpu)
-    tokenizer = load_tokenizer(model_args.model_name_or_path, padding_side="right")
-    tokens = read_json(run / "user_index" / "tokens.json")
-    new_ids = add_index_tokens(tokenizer, tokens) if tokens else []
-    model, peft_config, dtype, four_bit = build_model(model_args, ranker, tokenizer, new_ids, cpu)
-    eval_set = datasets.load_from_disk(str(tasks_dir / "next_item_validation"))
-    trainer = make_trainer_class()(model=model, args=training_args, train_dataset=datasets.load_from_disk(str(tasks_dir / "train")),
-                                   eval_dataset=eval_set, processing_class=tokenizer, peft_config=peft_config,
-                                   compute_metrics=compute_metrics, letter_ids=mixture["letter_token_ids"])
-    disable_cpu_repack(trainer.model)
-    info = {"out": out, "mixture": mixture, "eval_set": eval_set, "tokens": tokens, "dtype": dtype, "four_bit": four_bit}
-    return trainer, info
-
-
-def main(ranker: RankerArguments, training_args: SFTConfig, model_args: ModelConfig) -> Path:
-    out = Path(ranker.run_dir) / "ranker"
-    if (out / "_COMPLETE").exists() and not ranker.overwrite:
-        logger.info("train: %s is complete; skipping (use --overwrite to redo)", out)
-        return out
-    if ranker.overwrite and out.exists():
-        shutil.rmtree(out)
-    trainer, info = build_trainer(ranker, training_args, model_args)
-    mixture, eval_set, tokenizer = info["mixture"], info["eval_set"], trainer.processing_class
-    letter_ids = mixture["letter_token_ids"]
-    resume = any(Path(training_args.output_dir).glob("checkpoint-*"))
-    untrained = trainer.evaluate(metric_key_prefix="untrained") if ranker.eval_before_training and not resume else None
-    trainer.train(resume_from_checkpoint=resume or None)
-    best = trainer.evaluate()
-    trainer.save_model(str(out))
+    run = RunDir(stage.run_dir)
+    mixture = run.mixture()
+    derived = resolve(model_args, training_args, run, mixture)
+    settings = {"ranker": settings_of(ranker), "model": settings_of(model_args),
+                "training": {k: getattr(training_args, k) for k in TRAINING_SETTINGS if hasattr(training_args, k)}}
+    if not run.begin("train", settings, stage.overwrite, inputs=("tasks", "index")):
+        return run.ranker
+    trainer, new_ids = build_trainer(run, ranker, model_args, training_args, mixture)
+    tokenizer = trainer.processing_class
+    resume = last_checkpoint(run.checkpoints)
+    untrained = untrained_metrics(trainer, run, ranker, resume)
+    if resume:
+        logger.info("train: resuming from %s (step %s)", resume, resume.name.split("-")[-1])
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    final = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # the kept model on validation, scores kept
+    best = final.metrics
+    trainer.save_model(str(run.ranker))
     if not trainer.is_world_process_zero():
-        return out
-    tokenizer.save_pretrained(str(out))
-    checks = {"index_token_rows": token_row_change(trainer.model), "reload_check": reload_scores(trainer.model, tokenizer, eval_set, letter_ids)}
-    config = {"base_model": model_args.model_name_or_path, "dtype": info["dtype"], "quantization": "4bit-nf4" if info["four_bit"] else "none",
-              "letter_token_ids": letter_ids, "index_tokens": len(info["tokens"]), "candidate_order": mixture["candidate_order"],
-              "best_checkpoint": trainer.state.best_model_checkpoint, "best_validation_ndcg@10": trainer.state.best_metric}
-    write_json(out / "ranker_config.json", config)
-    metrics = {"untrained": untrained, "best": best, "candidate_order": mixture["candidate_order"], **checks,
+        return run.ranker
+    config = {"base_model": model_args.model_name_or_path, "dtype": model_args.dtype,
+              "quantization": "4bit-nf4" if model_args.load_in_4bit else "none", "double_quantization": bool(model_args.use_bnb_nested_quant),
+              "letter_token_ids": mixture["letter_token_ids"], "index_tokens": len(new_ids), "protocol": mixture["protocol"],
+              "num_candidates": mixture["num_candidates"], "best_checkpoint": trainer.state.best_model_checkpoint,
+              "best_validation_ndcg@10": trainer.state.best_metric}
+    write_json(run.ranker / "ranker_config.json", config)
+    worse = bool(untrained) and best.get("eval_ndcg@10", 0.0) < untrained["untrained_ndcg@10"]
+    if worse:
+        logger.warning("train: the kept adapter is WORSE than the untrained model on validation (NDCG@10 %.4f < %.4f); "
+                       "the model card says so", best["eval_ndcg@10"], untrained["untrained_ndcg@10"])
+    metrics = {"untrained": untrained, "best": best, "worse_than_untrained": worse, "protocol": mixture["protocol"],
+               "resumed_from": str(resume) if resume else None, "resumed_at_step": int(resume.name.split("-")[-1]) if resume else None,
+               "derived_defaults": derived, "index_token_rows": token_row_change(trainer.model),
+               "adapter_bytes": (run.ranker / "adapter_model.safetensors").stat().st_size,
+               "reload_check": reload_scores(trainer.model, tokenizer, trainer.eval_dataset, mixture["letter_token_ids"]),
                "train_samples": len(trainer.train_dataset), "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-               "log_history": trainer.state.log_history}
-    write_json(out / "train_metrics.json", metrics)
-    (out / "README.md").write_text(model_card(config, mixture, metrics, training_args, model_args))
-    mark_complete(out)
+               "device": "cuda" if torch.cuda.is_available() else "cpu", "log_history": trainer.state.log_history}
+    write_json(run.ranker / "train_metrics.json", metrics)
+    from .prompts import prompts_digest
+
+    write_json(run.ranker / "validation_scores.json", {"prompts_sha256": prompts_digest(trainer.eval_dataset["prompt"]),
+                                                       "scores": final.predictions.tolist()})
+    tokenizer.save_pretrained(str(run.ranker))
+    model_card(config, mixture, metrics, training_args, model_args).save(run.ranker / "README.md")
+    run.finish("train")
     logger.info("train: best validation NDCG@10 %.4f (untrained %s) -> %s", best.get("eval_ndcg@10", float("nan")),
-                f"{untrained['untrained_ndcg@10']:.4f}" if untrained else "n/a", out)
-    return out
+                f"{untrained['untrained_ndcg@10']:.4f}" if untrained else "n/a", run.ranker)
+    return run.ranker
+
+
+def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> dict | None:
+    """Validation scores of the untrained model, computed once (a resumed run reads them back)."""
+    from .common import read_json
+
+    path = run.ranker / "untrained_metrics.json"
+    if not ranker.eval_before_training:
+        return None
+    if path.exists():
+        return read_json(path)
+    if resume:
+        return None
+    metrics = trainer.evaluate(metric_key_prefix="untrained")
+    if trainer.is_world_process_zero():
+        write_json(path, metrics)
+    return metrics
 
 
 def token_row_change(model) -> dict | None:
@@ -245,46 +354,62 @@ def reload_scores(model, tokenizer, eval_set, letter_ids: list[int], n: int = 4)
     return {"prompts": prompts, "scores": score_prompts(model, tokenizer, prompts, letter_ids).tolist()}
 
 
-def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args) -> str:
-    tasks = "\n".join(f"| {t} | {v['probability']} | {v['in_mixture']} |" for t, v in mixture["tasks"].items())
-    skipped = "; ".join(f"{t}: {why}" for t, why in mixture["skipped"].items()) or "none"
-    best = metrics["best"]
-    untrained = metrics["untrained"] or {}
-    return f"""---
-base_model: {config['base_model']}
-library_name: peft
-tags:
-- ulmrec
-- recommendation
-- lora
-- trl
+CARD = """---
+{{ card_data }}
 ---
-# ULMRec ranker (LoRA adapter)
+# ULMRec ranker (LoRA adapter for `{{ base_model }}`)
 
-A ULMRec ranker trained with [ulmrec-hf](https://github.com/) on top of `{config['base_model']}`
-(quantization: {config['quantization']}). It ranks 20 lettered candidates by the logits of the answer letters.
+A ULMRec re-ranker trained with ulmrec-hf {{ version }}. It reads a user's index, purchase history and
+{{ num_candidates }} lettered candidates, and ranks the candidates by the logits of their answer letters.
+This repository holds only what training changed ({{ adapter_mb }} MB): the LoRA matrices and the embedding
+rows of the {{ index_tokens }} added index tokens. Load it on `{{ base_model }}` ({{ quantization }}, {{ dtype }}),
+the base it was trained and validated on.
+{% if worse %}
+**Warning:** on validation this adapter ranks worse than the untrained base model
+(NDCG@10 {{ "%.4f"|format(best_ndcg) }} against {{ "%.4f"|format(untrained_ndcg) }}).
+{% endif %}
+## Protocol
+- Next-item training targets: `{{ protocol.train_targets }}`; training candidates: `{{ protocol.train_candidates }}`;
+  evaluation order: `{{ protocol.eval_order }}` (protocol `{{ protocol.name }}`).
 
 ## Training
-- Tasks and proportions:
-
-| task | probability | samples |
+| task | proportion | rows |
 |---|---|---|
-{tasks}
-
-- Skipped tasks: {skipped}.
-- Candidate order: **{config['candidate_order']}** (the same in training and evaluation).
-- LoRA r={model_args.lora_r}, alpha={model_args.lora_alpha}, dropout={model_args.lora_dropout}; lr {training_args.learning_rate},
-  {training_args.num_train_epochs} epoch(s), {metrics['train_samples']} samples, {metrics['steps']} steps. Index-token rows: {config['index_tokens']} tokens.
+{% for task, v in tasks.items() %}| {{ task }} | {{ v.proportion }} | {{ v.rows }} |
+{% endfor %}
+- Skipped tasks: {{ skipped }}.
+- LoRA r={{ lora_r }}, alpha={{ lora_alpha }}, dropout={{ lora_dropout }}; lr {{ lr }}, {{ epochs }} epoch(s),
+  {{ samples }} samples, {{ steps }} steps.
 
 ## Validation (verbalizer, users whose ground truth is among the candidates)
 | model | NDCG@10 | Recall@10 | MRR@10 |
 |---|---|---|---|
-| untrained | {untrained.get('untrained_ndcg@10', float('nan')):.4f} | {untrained.get('untrained_recall@10', float('nan')):.4f} | {untrained.get('untrained_mrr@10', float('nan')):.4f} |
-| this adapter | {best.get('eval_ndcg@10', float('nan')):.4f} | {best.get('eval_recall@10', float('nan')):.4f} | {best.get('eval_mrr@10', float('nan')):.4f} |
-
+{% for name, m in rows %}| {{ name }} | {{ "%.4f"|format(m.ndcg) }} | {{ "%.4f"|format(m.recall) }} | {{ "%.4f"|format(m.mrr) }} |
+{% endfor %}
 ## Use
 ```python
 from ulmrec_hf.ranker import load_ranker, score_prompts
-model, tokenizer, config = load_ranker("PATH_OR_REPO")
+model, tokenizer, config = load_ranker("PATH")  # the base as trained, then this adapter
 ```
+`ulmrec recommend --run_dir RUN --user ID` ranks a user's candidates; `ulmrec evaluate` gives the paper's Table 2.
 """
+
+
+def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
+    def row(prefix: str, m: dict) -> dict:
+        return {k: m.get(f"{prefix}_{k}@10", float("nan")) for k in ("ndcg", "recall", "mrr")}
+
+    rows = ([("untrained base", row("untrained", metrics["untrained"]))] if metrics["untrained"] else []) + [("this adapter", row("eval", metrics["best"]))]
+    data = ModelCardData(base_model=config["base_model"], library_name="peft", tags=["ulmrec", "recommendation", "lora", "trl"])
+    return ModelCard.from_template(
+        data, template_str=CARD, base_model=config["base_model"], version=__version__, num_candidates=config["num_candidates"],
+        adapter_mb=round(metrics["adapter_bytes"] / 1e6, 2), index_tokens=config["index_tokens"], quantization=config["quantization"],
+        dtype=config["dtype"], worse=metrics["worse_than_untrained"], best_ndcg=metrics["best"].get("eval_ndcg@10", float("nan")),
+        untrained_ndcg=(metrics["untrained"] or {}).get("untrained_ndcg@10", float("nan")), protocol=config["protocol"],
+        tasks=mixture["tasks"], skipped="; ".join(f"{t}: {why}" for t, why in mixture["skipped"].items()) or "none",
+        lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, lr=training_args.learning_rate,
+        epochs=training_args.num_train_epochs, samples=metrics["train_samples"], steps=metrics["steps"], rows=rows)

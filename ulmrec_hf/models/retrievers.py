@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn import functional as F
 
@@ -130,7 +131,9 @@ class SelfAttentionBlock(nn.Module):
         return self.ffn(self.norm(self.dropout(y) + x))
 
 
-class SequentialRetriever(nn.Module):
+class SequentialRetriever(nn.Module, PyTorchModelHubMixin, library_name="ulmrec-hf", tags=["sequential-recommendation", "ulmrec"]):
+    """`save_pretrained` / `from_pretrained` write and read `config.json` (the RetrieverConfig) and `model.safetensors`."""
+
     def __init__(self, config: RetrieverConfig):
         super().__init__()
         self.config = config

@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 from torch.nn import functional as F
 
@@ -18,7 +19,7 @@ def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, n_segments: in
     return weights / totals[segments]
 
 
-class IdAttention(nn.Module):
+class IdAttention(nn.Module, PyTorchModelHubMixin, library_name="ulmrec-hf"):
     """Eq. 1: alpha_i = softmax_i(e_wi^T A e_ou), x_u = sum_i alpha_i e_wi."""
 
     def __init__(self, dim: int, init_std: float = 0.02):
@@ -44,7 +45,7 @@ def mlp(sizes: list[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class RQVAE(nn.Module):
+class RQVAE(nn.Module, PyTorchModelHubMixin, library_name="ulmrec-hf"):
     """MLP encoder -> ResidualVQ (k-means init, commitment beta) -> MLP decoder (eq. 2-6)."""
 
     def __init__(self, in_dim: int, hidden: list[int], code_dim: int, levels: int, codebook_size: int,

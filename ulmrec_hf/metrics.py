@@ -1,15 +1,15 @@
-"""Ranking metrics with one relevant item per user, shared by the retriever and the ranker.
+"""Ranking metrics with one relevant item per user, shared by the retriever, the ranker and the fusion.
 
-`rank` is the 1-based position of the ground truth in a user's ranked list, or None when it is absent;
-an absent item contributes 0 to every metric. "Overall" metrics are the per-user mean over all users.
+`rank` is the 1-based position of the ground truth in a user's ranked list, or None when it is absent; an absent item
+contributes 0 to every metric. "Overall" metrics are the per-user mean over all users. (No maintained package computes
+these from ranks: `evaluate` has no MRR/NDCG module with one relevant item, so they are written here, checked against
+scikit-learn's ndcg_score in the tests.)
 """
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 DEFAULT_KS = (1, 5, 10, 20)
-METRIC_DIR = Path(__file__).parent / "ranking"
 
 
 def rank_of(ranked: Sequence[int], target: int) -> int | None:
@@ -40,8 +40,6 @@ def metrics_from_ranks(ranks: Sequence[int | None], ks: Sequence[int] = DEFAULT_
     return {name: value / len(ranks) for name, value in total.items()}
 
 
-def load_ranking_metric():
-    """The same metrics as an `evaluate` module, loaded from this package (works offline)."""
-    import evaluate
-
-    return evaluate.load(str(METRIC_DIR))
+def rank_and_overall(ranks: Sequence[int], total_users: int, ks: Sequence[int] = (5, 10)) -> dict:
+    """Rank metrics over the scored users and overall metrics over all users (users not scored count 0)."""
+    return {"rank": metrics_from_ranks(ranks, ks), "overall": metrics_from_ranks(list(ranks) + [None] * (total_users - len(ranks)), ks)}

@@ -1,0 +1,214 @@
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ulmrec_hf import train as train_mod
+from ulmrec_hf.common import UlmrecError, read_json
+from ulmrec_hf.layout import RunDir
+from ulmrec_hf.runner import parse_stage, run_stage
+
+UP_TO_TASKS = ("prepare", "retrieve", "preferences", "index", "tasks")
+
+
+@pytest.fixture
+def tasks_run(tmp_path, tiny_pipeline, copy_stages):
+    return copy_stages(tiny_pipeline, tmp_path / "run", UP_TO_TASKS)
+
+
+def trainer_for(run: Path, flags: list[str]):
+    _, ranker, model_args, training_args = parse_stage("train", flags)
+    mixture = RunDir(run).mixture()
+    train_mod.resolve(model_args, training_args, RunDir(run), mixture)
+    return train_mod.build_trainer(RunDir(run), ranker, model_args, training_args, mixture)[0]
+
+
+def test_collated_labels_are_the_completion_and_scoring_ids_match(tiny_pipeline, train_flags):
+    trainer = trainer_for(tiny_pipeline, train_flags(tiny_pipeline))
+    tokenizer = trainer.processing_class
+    batch = next(iter(trainer.get_train_dataloader()))
+    for i in range(batch["input_ids"].shape[0]):
+        labelled = batch["labels"][i][batch["labels"][i] != -100].tolist()
+        assert labelled[-1] == tokenizer.eos_token_id
+        ids = batch["input_ids"][i][batch["attention_mask"][i].bool()].tolist()
+        assert ids[-len(labelled):] == labelled  # the labelled span is exactly the end: completion + EOS
+    eval_batch = next(iter(trainer.get_eval_dataloader()))
+    eval_rows = datasets.load_from_disk(str(tiny_pipeline / "tasks" / "next_item_validation"))
+    letters = read_json(tiny_pipeline / "tasks" / "mixture.json")["letter_token_ids"]
+    for i in range(eval_batch["input_ids"].shape[0]):
+        labels = eval_batch["labels"][i]
+        assert int(labels[labels != -100][0]) == letters[eval_rows[i]["target_position"]]  # scoring ids == training-target ids
+
+
+def test_padding_free_training_has_the_same_loss_mask_and_first_loss(tiny_pipeline, train_flags):
+    """The padding-free path (flattened batch, position ids) labels the same tokens and gives the same first-step loss."""
+    flags = train_flags(tiny_pipeline, "--per_device_train_batch_size", "4", "--seed", "3")
+    padded, free = trainer_for(tiny_pipeline, flags), trainer_for(tiny_pipeline, flags + ["--padding_free", "true"])
+    a, b = next(iter(padded.get_train_dataloader())), next(iter(free.get_train_dataloader()))
+    assert "attention_mask" not in b and b["input_ids"].shape[0] == 1
+    rows = train_mod.sequences(a)
+    assert [ids for ids, _ in rows] == [ids for ids, _ in train_mod.sequences(b)]
+    assert [lab for _, lab in rows] == [lab for _, lab in train_mod.sequences(b)]  # the same loss mask
+    padded.model.eval()
+    free.model.eval()
+    with torch.no_grad():
+        loss_a = padded.compute_loss(padded.model, padded._prepare_inputs(a))
+        loss_b = free.compute_loss(free.model, free._prepare_inputs(b))
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-4, rtol=1e-4)
+    ea, eb = next(iter(padded.get_eval_dataloader())), next(iter(free.get_eval_dataloader()))
+    with torch.no_grad():  # the verbalizer reads the same scores from a padding-free evaluation batch
+        _, scores_a, gold_a = padded.prediction_step(padded.model, padded._prepare_inputs(ea), False)
+        _, scores_b, gold_b = free.prediction_step(free.model, free._prepare_inputs(eb), False)
+    assert torch.equal(gold_a, gold_b)
+    torch.testing.assert_close(scores_a, scores_b, atol=1e-4, rtol=1e-4)
+
+
+def test_the_adapter_and_checkpoints_hold_only_trained_rows(tiny_pipeline):
+    """No saved tensor is vocabulary-sized: the LoRA matrices and the index-token rows only (issue 16)."""
+    vocab = len(read_json(tiny_pipeline / "ranker" / "tokenizer.json")["model"]["vocab"])
+    files = [tiny_pipeline / "ranker" / "adapter_model.safetensors", *(tiny_pipeline / "ranker" / "checkpoints").glob("checkpoint-*/adapter_model.safetensors")]
+    assert len(files) >= 3
+    for f in files:
+        tensors = load_file(str(f))
+        assert tensors and not any(d >= vocab for t in tensors.values() for d in t.shape), f
+        assert any("trainable_tokens_delta" in k for k in tensors) and any("lora_A" in k for k in tensors)
+    for f in (tiny_pipeline / "ranker" / "checkpoints").glob("checkpoint-*/optimizer.pt"):
+        state = torch.load(f, weights_only=False)["state"]
+        assert not any(d >= vocab for s in state.values() for t in s.values() if torch.is_tensor(t) for d in t.shape)
+    metrics = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
+    assert metrics["adapter_bytes"] == files[0].stat().st_size < 1_000_000
+
+
+def test_new_token_rows_are_trained_and_the_card_says_what_the_adapter_holds(tiny_pipeline):
+    metrics = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
+    rows = metrics["index_token_rows"]
+    assert rows["rows"] == len(read_json(tiny_pipeline / "user_index" / "tokens.json"))
+    assert rows["max_abs_change"] > 0 and rows["rows_changed"] > 0
+    assert metrics["untrained"]["untrained_ndcg@10"] >= 0 and "eval_ndcg@10" in metrics["best"]
+    card = (tiny_pipeline / "ranker" / "README.md").read_text()
+    config = read_json(tiny_pipeline / "ranker" / "ranker_config.json")
+    assert card.startswith("---\n") and f"base_model: {config['base_model']}" in card and "library_name: peft" in card
+    assert f"{round(metrics['adapter_bytes'] / 1e6, 2)} MB" in card and "48 added index tokens" in card
+    assert "`all_prefixes`" in card and "`random`" in card and "`retriever`" in card and "https://github.com/)" not in card
+
+
+def test_a_worse_adapter_is_flagged_in_the_card(tiny_pipeline):
+    from ulmrec_hf.train import RankerModelConfig, RankerTrainingConfig, model_card
+
+    metrics = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
+    config, mixture = read_json(tiny_pipeline / "ranker" / "ranker_config.json"), read_json(tiny_pipeline / "tasks" / "mixture.json")
+    worse = {**metrics, "worse_than_untrained": True, "untrained": {"untrained_ndcg@10": 0.9}, "best": {"eval_ndcg@10": 0.2}}
+    card = str(model_card(config, mixture, worse, RankerTrainingConfig(use_cpu=True), RankerModelConfig()))
+    assert "**Warning:** on validation this adapter ranks worse than the untrained base model" in card and "0.2000 against 0.9000" in card
+    better = {**metrics, "worse_than_untrained": False, "untrained": {"untrained_ndcg@10": 0.2}, "best": {"eval_ndcg@10": 0.3}}
+    assert "Warning" not in str(model_card(config, mixture, better, RankerTrainingConfig(use_cpu=True), RankerModelConfig()))
+    flagged = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
+    assert ("**Warning:**" in (tiny_pipeline / "ranker" / "README.md").read_text()) == flagged["worse_than_untrained"]
+
+
+def test_qlora_trains_lora_on_a_4bit_base(qlora_run):
+    lora_b = [v for k, v in load_file(str(qlora_run / "ranker" / "adapter_model.safetensors")).items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)  # LoRA B starts at 0: non-zero means real gradients
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--use_peft", "false"], "ulmrec trains LoRA adapters only"),
+    (["--output_dir", "/tmp/x"], "checkpoints always go to"),
+    (["--push_to_hub", "true"], "ulmrec push --run_dir RUN --model_repo ID"),
+    (["--metric_for_best_model", "loss"], "--metric_for_best_model loss: validation reports"),
+    (["--completion_only_loss", "false"], "the verbalizer evaluation reads the answer"),
+    (["--eval_strategy", "no", "--load_best_model_at_end", "false"], "the checkpoint is chosen by validation NDCG@10"),
+    (["--eval_strategy", "no"], "train: --load_best_model_at_end requires the save and eval strategy to match"),
+])
+def test_contradicting_flags_are_errors(tiny_pipeline, train_flags, flags, message):
+    with pytest.raises(UlmrecError, match=message.replace("(", r"\(")):
+        run_stage("train", train_flags(tiny_pipeline, *flags))
+
+
+def test_4bit_without_bitsandbytes_is_an_error(tiny_pipeline, train_flags, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(UlmrecError, match="--load_in_4bit true needs bitsandbytes"):
+        run_stage("train", train_flags(tiny_pipeline, "--load_in_4bit", "true"))
+
+
+def test_given_flags_are_honoured_and_derived_ones_recorded(tiny_pipeline):
+    metrics = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
+    assert metrics["derived_defaults"] == {"load_in_4bit": False, "use_bnb_nested_quant": False, "dtype": "float32"}
+    settings = read_json(tiny_pipeline / "ranker" / "_COMPLETE")["settings"]
+    assert settings["training"]["learning_rate"] == 1e-2 and settings["model"]["lora_target_modules"] == ["q_proj", "v_proj"]
+    _, _, model_args, training_args = parse_stage("train", ["--load_in_4bit", "false", "--bf16", "true", "--eval_steps", "7"])
+    assert model_args.load_in_4bit is False and training_args.bf16 is True and training_args.save_steps == 7
+
+
+def test_another_tokenizer_than_the_tasks_one_is_an_error(tmp_path, tasks_run, train_flags):
+    from transformers import AutoTokenizer
+
+    other = tmp_path / "other"
+    shutil.copytree(read_json(tasks_run / "tasks" / "mixture.json")["model_name_or_path"], other)
+    tokenizer = AutoTokenizer.from_pretrained(other)
+    tokenizer.add_tokens(["<extra>"])
+    tokenizer.save_pretrained(other)
+    with pytest.raises(UlmrecError, match="has another tokenizer than the one the tasks stage used"):
+        run_stage("train", train_flags(tasks_run, "--model_name_or_path", str(other)))
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_says_so(tasks_run, train_flags, monkeypatch, caplog):
+    real = train_mod.make_trainer_class
+
+    def interrupting():
+        cls = real()
+
+        class Interrupted(cls):
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step == 3:
+                    raise KeyboardInterrupt
+                return super().training_step(*args, **kwargs)
+
+        return Interrupted
+
+    monkeypatch.setattr(train_mod, "make_trainer_class", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", train_flags(tasks_run))
+    assert (tasks_run / "ranker" / "checkpoints" / "checkpoint-2").exists()
+    monkeypatch.setattr(train_mod, "make_trainer_class", real)
+    with caplog.at_level("INFO"):
+        run_stage("train", train_flags(tasks_run))
+    metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
+    assert metrics["resumed_at_step"] == 2 and metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
+    assert "resuming from" in caplog.text and "checkpoint-2 (step 2)" in caplog.text
+    assert metrics["untrained"] is not None  # measured before the interruption, read back
+
+
+@pytest.mark.slow
+def test_two_process_ddp_training(tasks_run, train_flags, free_port):
+    accelerate = Path(sys.executable).parent / "accelerate"
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "--dynamo_backend", "no", "-m", "ulmrec_hf.cli", "train",
+           *train_flags(tasks_run, "--eval_before_training", "false")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
+    assert set(metrics["best"]) >= {"eval_ndcg@10", "eval_recall@10", "eval_mrr@10"} and metrics["world_size"] == 2
+
+
+def test_lora_last_layers_limits_the_adapter(tiny_llm):
+    from peft import get_peft_model
+
+    from ulmrec_hf.llm import load_tokenizer
+    from ulmrec_hf.train import RankerArguments, RankerModelConfig, build_model
+
+    tokenizer = load_tokenizer(tiny_llm)
+    args = RankerModelConfig(model_name_or_path=tiny_llm, lora_target_modules=["q_proj", "v_proj"], dtype="float32", load_in_4bit=False)
+    model, peft_config = build_model(args, RankerArguments(lora_last_layers=1), tokenizer, [])
+    names = [n for n, p in get_peft_model(model, peft_config).named_parameters() if p.requires_grad]
+    assert names and all(".layers.1." in n for n in names)  # the tiny model has 2 layers
+    with pytest.raises(UlmrecError, match="lora_last_layers"):
+        build_model(args, RankerArguments(lora_last_layers=3), tokenizer, [])
