@@ -1,7 +1,8 @@
 """The `openai` preference backend against a real OpenAI-compatible server on loopback (issue 15).
 
 Starts `transformers serve` (pip install -e .[bench]) on 127.0.0.1 with the cached SmolLM2-135M-Instruct checkpoint, then:
-1. asks it for the preferences of 24 real Musical Instruments users (concurrency 2, the stage's defaults otherwise);
+1. asks it for the preferences of 24 real Musical Instruments users (concurrency 2, reviews cut to 384 tokens, the
+   stage's defaults otherwise: max_tokens 64, a line-break stop, 5 retries);
 2. runs the stage again with --overwrite: every answer comes from the named cache, 0 requests;
 3. in a fresh run directory, kills the stage with SIGKILL once some answers are stored, and resumes it: no user whose
    answer was stored is asked again;
@@ -52,7 +53,8 @@ def start_server(model_dir: str, port: int, log: Path) -> subprocess.Popen:
 
 def stage_cmd(run: Path, port: int, model: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "ulmrec_hf.cli", "preferences", "--run_dir", str(run), "--backend", "openai", "--base_url",
-            f"http://127.0.0.1:{port}/v1", "--model", model, "--max_users", str(USERS), "--concurrency", "2", "--request_timeout", "60", *extra]
+            f"http://127.0.0.1:{port}/v1", "--model", model, "--max_users", str(USERS), "--concurrency", "2", "--request_timeout", "60",
+            "--review_token_budget", "384", *extra]
 
 
 def run_stage(cmd: list[str], log: Path) -> tuple[int, float]:
@@ -70,9 +72,11 @@ def summary(run: Path) -> dict:
         "requests_per_answered_user": per_user("requests"), "tokens_per_answered_user": round((s["prompt_tokens"] + s["completion_tokens"]) / max(1, s["answered"]), 1)}
 
 
-def cached_users(run: Path) -> set[str]:
+def cached_users(run: Path) -> tuple[set[str], set[str]]:
+    """(users with a stored answer, users with a stored failure) in the answer cache."""
     path = run / "cache" / "preferences" / "responses.jsonl"
-    return {json.loads(line)["user"] for line in path.read_text().splitlines() if line.endswith("}")} if path.exists() else set()
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+    return {r["user"] for r in rows if "preference" in r}, {r["user"] for r in rows if "failed" in r}
 
 
 def killed_and_resumed(port: int, model: str, log: Path) -> dict:
@@ -80,16 +84,17 @@ def killed_and_resumed(port: int, model: str, log: Path) -> dict:
     subprocess.run([sys.executable, "-m", "ulmrec_hf.cli", "prepare", "--run_dir", str(run), "--input", str(MI), "--titles", "optional"], check=True)
     proc = subprocess.Popen(stage_cmd(run, port, model), stdout=open(log, "a"), stderr=subprocess.STDOUT, env={**os.environ, "OPENAI_API_KEY": CANARY})
     deadline = time.time() + 240
-    while time.time() < deadline and len(cached_users(run)) < USERS // 3 and proc.poll() is None:
+    while time.time() < deadline and sum(map(len, cached_users(run))) < USERS // 3 and proc.poll() is None:
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    before = cached_users(run)
+    answers, failed = cached_users(run)
     time.sleep(5)  # requests of the killed process finish on the server (nobody reads them)
     code, wall = run_stage(stage_cmd(run, port, model), log)
     s = json.loads((run / "preferences" / "summary.json").read_text())
     # every stored answer is read back, so only the other users are asked (a request cut off by the kill is asked again)
-    return {"answers_stored_before_kill": len(before), "resumed_exit_code": code, "resumed_wall_s": wall, "cached_on_resume": s["cached"],
+    return {"answers_stored_before_kill": len(answers), "failures_stored_before_kill": len(failed), "resumed_exit_code": code,
+            "resumed_wall_s": wall, "answers_read_on_resume": s["cached"], "failures_read_on_resume": s["cached_failures"],
             "requests_after_resume": s["requests"], "answered_after_resume": s["answered"], "done": s["done"], "failed": s["failed"]}
 
 
@@ -138,16 +143,18 @@ def main() -> int:
     result["total_wall_s"] = round(time.time() - started, 1)
     first, again, killed = result["first_run"], result["rerun_overwrite"], result["killed_and_resumed"]
     result["checks"] = {"all_users_answered_or_listed": first["done"] + first["failed"] == USERS,
-                        "under_5_minutes": result["total_wall_s"] < 300, "rerun_sent_0_requests": again["requests"] == 0,
-                        "resume_asked_no_stored_user_again": killed["cached_on_resume"] >= killed["answers_stored_before_kill"],
+                        "first_run_under_5_minutes": first["wall_s"] < 300, "rerun_sent_0_requests": again["requests"] == 0,
+                        "resume_asked_no_stored_user_again": (killed["answers_read_on_resume"], killed["failures_read_on_resume"])
+                        == (killed["answers_stored_before_kill"], killed["failures_stored_before_kill"]),
                         "canary_0_hits": result["canary_hits"] == 0}
     (ROOT / "bench" / "results" / "preferences_server.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| run | exit | users done / failed | requests | tokens/user | users/s | wall s |\n|---|---|---|---|---|---|---|")
     for name in ("first_run", "rerun_overwrite"):
         r = result[name]
         print(f"| {name} | {r['exit_code']} | {r['done']} / {r['failed']} | {r['requests']} | {r['tokens_per_answered_user']} | {r['users_per_s']} | {r['wall_s']} |")
-    print(f"killed after {killed['answers_stored_before_kill']} stored answers; the resumed run read {killed['cached_on_resume']} from the cache "
-          f"and sent {killed['requests_after_resume']} requests; canary hits: {result['canary_hits']}")
+    print(f"killed after {killed['answers_stored_before_kill']} stored answers and {killed['failures_stored_before_kill']} stored failures; "
+          f"the resumed run read {killed['answers_read_on_resume']} and {killed['failures_read_on_resume']} from the cache and sent "
+          f"{killed['requests_after_resume']} requests for the other users; canary hits: {result['canary_hits']}")
     print(json.dumps(result["checks"]))
     return 0 if all(result["checks"].values()) else 1
 

@@ -3,7 +3,8 @@
 Users are recognised by a `uNNNN` tag in the prompt. Faults on the first attempt, by NNNN % 10:
 1 -> 429 with Retry-After (only when NNNN % 50 == 1; other 1s answer normally), 2 -> 500, 3 -> slower
 than the client timeout, 4 -> malformed JSON, 5 -> empty answer, 6 -> an answer cut off by max_tokens
-(finish_reason "length"). NNNN % 25 == 7 -> 500 every time. `slow_users` are slow on their first attempt too.
+(finish_reason "length"). NNNN % 25 == 7 -> 500 every time. `slow_users` are slow on their first attempt too;
+`invalid_users` always answer with an introduction and no content.
 Every request's payload and start time are recorded per user.
 """
 
@@ -17,11 +18,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeOpenAI:
     def __init__(self, slow_seconds: float = 1.5, delay: float = 0.0, retry_after: int = 1, slow_users: set[int] = frozenset(),
-                 faults: bool = True):
+                 faults: bool = True, invalid_users: set[int] = frozenset()):
         self.requests = defaultdict(list)  # user tag -> request times
         self.payloads = defaultdict(list)  # user tag -> request bodies
         self.intervals = []  # (user tag, attempt, start, end) of every request
-        self.slow_users, self.faults = set(slow_users), faults
+        self.slow_users, self.faults, self.invalid_users = set(slow_users), faults, set(invalid_users)
         self.lock = threading.Lock()
         self.slow_seconds, self.delay, self.retry_after = slow_seconds, delay, retry_after
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
@@ -95,6 +96,8 @@ class FakeOpenAI:
                 if first and n % 10 == 4:
                     return self.send(200, b'{"id": "x", "choices": [')
                 content = "" if first and n % 10 == 5 else f"User {tag} prefers gentle {tag} things."
+                if int(tag[1:]) in fake.invalid_users:
+                    content = "The user's preferences are:"  # an introduction without content, every time
                 cut = first and n % 10 == 6
                 content, finish = (f"User {tag} prefers gentle {tag}", "length") if cut else (content, "stop")  # valid text, but cut off
                 body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": payload["model"],

@@ -70,11 +70,11 @@ def test_faults_end_in_one_preference_or_a_listed_failure(fresh_run):
         tag = f"u{u:04d}"
         expected = 4 if u % 25 == 7 else 2 if (u % 10 in (2, 3, 4, 5, 6) or u % 50 == 1) else 1
         assert len(requests[tag]) == expected, (tag, len(requests[tag]))
-        assert all(p["max_tokens"] == 64 for p in payloads[tag])  # every request is sized to one sentence
+        assert all(p["max_tokens"] == 64 and p["stop"] == ["\n"] for p in payloads[tag])  # every request is sized to one sentence
         if u % 50 == 1 and u % 25 != 7:
             assert requests[tag][1] - requests[tag][0] >= 1.0  # Retry-After honoured
-        if u % 10 == 3 and u % 25 != 7:
-            assert requests[tag][1] - requests[tag][0] >= 1.0  # a timeout (0.5 s) then at least request_timeout more
+        if u % 10 == 3 and u % 25 != 7:  # a timeout (0.5 s) then at least request_timeout more (arrival times trail sends by ms)
+            assert requests[tag][1] - requests[tag][0] >= 0.95
     summary = read_json(run / "preferences" / "summary.json")
     assert summary["done"] == N_USERS - len(always_broken) and summary["failed"] == len(always_broken)
     answers = sum(1 + (u % 10 in (5, 6)) for u in range(N_USERS) if u % 25 != 7)  # every 200 reply, the rejected ones included
@@ -138,6 +138,23 @@ def test_concurrency_drops_after_timeouts(fresh_run):
     assert peak_overlap(first) == 8 and len(retries) >= 8  # all eight were in flight, then all timed out
     assert summary["lowest_concurrency"] == 1 and summary["retries"]["timeout"] == 8
     assert peak_overlap(retries) <= 3  # one at a time after the timeouts, growing back by one per answered `limit`
+
+
+def test_users_whose_answers_stay_invalid_are_remembered(fresh_run):
+    run = fresh_run
+    args = ("--max_users", "20", "--invalid_retries", "2")
+    with FakeOpenAI(invalid_users={10, 12}, faults=False) as server:
+        first = subprocess.run(cli_args(run, server.base_url, *args), capture_output=True, text=True, timeout=300)
+        mark = time.time()
+        again = subprocess.run(cli_args(run, server.base_url, *args), capture_output=True, text=True, timeout=300)
+        asked_again = sum(1 for times in server.requests.values() for t in times if t > mark)
+        failures = read_json(run / "preferences" / "failures.json")
+        retried = subprocess.run(cli_args(run, server.base_url, *args, "--retry_failed", "true"), capture_output=True, text=True, timeout=300)
+        asked_retry = {tag for tag, times in server.requests.items() if len(times) > 3}
+    assert first.returncode == again.returncode == retried.returncode == 2
+    assert set(failures) == {"R0010", "R0012"} and all("a list or an introduction" in r and "--retry_failed" in r for r in failures.values())
+    assert asked_again == 0  # the rerun costs nothing: answers and remembered failures come from the cache
+    assert read_json(run / "preferences" / "summary.json")["requests"] == 6 and asked_retry == {"u0010", "u0012"}
 
 
 def test_budget_stop_leaves_a_resumable_cache(fresh_run):
@@ -208,7 +225,8 @@ def test_import_names_the_line_of_a_bad_byte(tmp_path):
 def test_answer_validation():
     prompt = "Here are a user's product reviews, newest first, each with its star rating:\n- (5 stars) I adore this lavender soap a lot"
     assert validate_answer('  "Likes lavender soap and mild shampoo."  ', prompt, 100) == "Likes lavender soap and mild shampoo."
-    for bad in ("", "   ", "x" * 101, "- (5 stars) I adore this lavender soap a lot", "1.", "Likes (4 stars) soap and more things"):
+    for bad in ("", "   ", "x" * 101, "- (5 stars) I adore this lavender soap a lot", "1.", "Likes (4 stars) soap and more things",
+                "The user's preferences are:", "This user's preferences are: 1. good strings 2. cheap picks 3. tuners"):
         with pytest.raises(AnswerError):
             validate_answer(bad, prompt, 100)
 

@@ -4,14 +4,17 @@ Backends: `openai` (any OpenAI-compatible endpoint), `local` (an HF causal LM, S
 (a precomputed user -> preference file) and `offline-keywords` (a deterministic, labelled, model-free fallback).
 
 Requests to an endpoint are sized and paced for real servers and real bills:
-- every request carries `max_tokens` (one sentence by default); an answer cut off by it counts as invalid;
+- every request carries `max_tokens` (one sentence by default) and stops at a line break; an answer cut off by
+  `max_tokens` counts as invalid, and so do an introduction without content ("The user's preferences are:") and lists;
 - a retry after an invalid answer changes the request (a higher temperature and a seed), since the same request at
   temperature 0 returns the same answer;
 - a timed-out request is still running on the server, so a timeout halves the number of requests in flight (it grows
   back one per `concurrency` answers) and its retry waits at least `request_timeout`;
 - tokens and requests are counted in `summary.json`, and `token_budget` stops a run before it would spend more.
 Every answer is appended (fsync'd) to the named cache `cache/preferences/responses.jsonl`, keyed by user, endpoint,
-model, messages and sampling settings, so a killed or budget-stopped run resumes without asking anything twice.
+model, messages and sampling settings, so a killed or budget-stopped run resumes without asking anything twice. A user
+whose answers stayed invalid through every retry is recorded there too, and is not asked again unless
+`--retry_failed true` (timeouts and server errors are not recorded: they may pass). Re-running costs nothing.
 """
 
 import hashlib
@@ -47,7 +50,8 @@ who will with would you your really great good product use used using bought buy
 @dataclass
 class PreferenceArguments:
     _argument_group_name = "preferences"
-    _operational = ('api_key_env', 'concurrency', 'request_timeout', 'max_retries', 'backoff_base', 'backoff_max', 'token_budget', 'batch_size')  # fields that do not change the output (left out of the recorded settings)
+    _operational = ('api_key_env', 'concurrency', 'request_timeout', 'max_retries', 'invalid_retries', 'backoff_base', 'backoff_max',
+                    'token_budget', 'batch_size', 'retry_failed')  # fields that do not change the output (left out of the recorded settings)
     backend: str = field(default="offline-keywords", metadata={"help": "Where sentences come from.", "choices": ["openai", "local", "import", "offline-keywords"]})
     model: str = field(default="gpt-3.5-turbo", metadata={"help": "Model name (openai) or HF id/path/'smollm2' (local)."})
     base_url: str | None = field(default=None, metadata={"help": "OpenAI-compatible endpoint, e.g. http://localhost:8000/v1 (vLLM)."})
@@ -58,12 +62,15 @@ class PreferenceArguments:
     prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "Prompt template with {reviews}."})
     review_token_budget: int = field(default=768, metadata={"help": "Review text per prompt, in estimated tokens (4 characters each); newest first."})
     max_tokens: int = field(default=64, metadata={"help": "Answer length cap sent with every request (one sentence); a longer answer is cut off and rejected."})
+    stop: list[str] = field(default_factory=lambda: ["\n"], metadata={"help": "Stop sequences sent with every request (a one-sentence answer has no line break)."})
+    retry_failed: bool = field(default=False, metadata={"help": "Ask again the users whose answers stayed invalid in an earlier run (recorded in the cache)."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of a first request."})
     retry_temperature: float = field(default=0.7, metadata={"help": "Temperature of a retry after an invalid answer (which also sends a seed)."})
     seed: int = field(default=42, metadata={"help": "Seed sent with retries after invalid answers (plus the attempt number), and of the backoff jitter."})
     concurrency: int = field(default=8, metadata={"help": "Most requests in flight at once (openai); halved after a timeout."})
     request_timeout: float = field(default=60.0, metadata={"help": "Seconds before a request is abandoned; its retry waits at least as long."})
-    max_retries: int = field(default=5, metadata={"help": "Retries per user after the first attempt."})
+    max_retries: int = field(default=5, metadata={"help": "Retries per user after timeouts, rate limits and server errors."})
+    invalid_retries: int = field(default=2, metadata={"help": "Retries after invalid answers (each with the retry temperature and a new seed): a prompt the model keeps failing does not pass on the fifth paid try."})
     backoff_base: float = field(default=1.0, metadata={"help": "First backoff in seconds; doubles each retry, with jitter."})
     backoff_max: float = field(default=60.0, metadata={"help": "Longest single wait, Retry-After included."})
     token_budget: int | None = field(default=None, metadata={"help": "Most tokens (prompt + completion, counted and reserved) this run may spend; the stage stops before it would exceed them and resumes from the cache next time."})
@@ -110,6 +117,8 @@ def validate_answer(text: str | None, prompt: str, max_chars: int) -> str:
         raise AnswerError("answer too short to state a preference")
     if re.search(r"\(\d(\.\d)? stars\)", text):
         raise AnswerError("answer echoes the prompt")
+    if text.endswith(":") or re.search(r"(^|\s)\d[.)]\s", text):
+        raise AnswerError("a list or an introduction, not one sentence")
     if len(text) > max_chars:
         raise AnswerError(f"answer longer than {max_chars} characters")
     lines = [ln.strip() for ln in prompt.splitlines() if len(ln.strip()) > 40]
@@ -142,7 +151,7 @@ class Cache:
 
 
 def cache_key(user: str, args: PreferenceArguments, prompt: str) -> str:
-    request = [user, args.backend, args.base_url or "", args.model, args.system_prompt, prompt, args.max_tokens, args.temperature,
+    request = [user, args.backend, args.base_url or "", args.model, args.system_prompt, prompt, args.max_tokens, args.stop, args.temperature,
                args.retry_temperature, args.response_prefix if args.backend == "local" else ""]
     return hashlib.sha256(json.dumps(request).encode()).hexdigest()
 
@@ -222,7 +231,7 @@ class OpenAIBackend:
             with self.throttle:
                 self.count("requests")
                 response = self.client.chat.completions.create(
-                    model=a.model, max_tokens=a.max_tokens, **kwargs,
+                    model=a.model, max_tokens=a.max_tokens, **({"stop": a.stop} if a.stop else {}), **kwargs,
                     messages=[{"role": "system", "content": a.system_prompt}, {"role": "user", "content": prompt}])
             usage = response.usage.model_dump() if response.usage else {}
             used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
@@ -236,8 +245,8 @@ class OpenAIBackend:
         """One user's answer with retries; raises the last error when they run out."""
         import openai
 
-        a, retry_invalid = self.args, False
-        for attempt in range(a.max_retries + 1):
+        a, retry_invalid, invalid = self.args, False, 0
+        for attempt in range(a.max_retries + a.invalid_retries + 1):
             wait, reason = 0.0, None
             try:
                 response = self.request(prompt, attempt, retry_invalid)
@@ -259,8 +268,8 @@ class OpenAIBackend:
             except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
                 error, reason = e, "connection" if isinstance(e, openai.APIConnectionError) else "malformed_response"
             except AnswerError as e:
-                error, reason, retry_invalid = e, f"invalid: {e}", True
-            if attempt == a.max_retries:
+                error, reason, retry_invalid, invalid = e, f"invalid: {e}", True, invalid + 1
+            if invalid > a.invalid_retries or attempt - invalid >= a.max_retries:
                 raise error
             self.count(f"retries[{reason}]")
             backoff = min(a.backoff_max, a.backoff_base * 2**attempt) * (0.5 + random.random())
@@ -299,6 +308,8 @@ def run_openai(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats:
                 stopped.append(job["user"])
             except Exception as e:  # noqa: BLE001 - any error after retries is recorded per user
                 failures[job["user"]] = describe(e)
+                if isinstance(e, AnswerError):  # the model's answers, not the server: remembered, so a rerun costs nothing
+                    cache.put({"key": job["key"], "user": job["user"], "failed": describe(e)})
             bar.update(1)
             bar.set_postfix(done=stats["answered"], failed=len(failures), tokens=stats["prompt_tokens"] + stats["completion_tokens"],
                             in_flight_limit=backend.throttle.limit)
@@ -331,6 +342,7 @@ def run_local(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats: 
                 stats["answered"] += 1
             except AnswerError as e:
                 failures[job["user"]] = f"AnswerError: {e}"
+                cache.put({"key": job["key"], "user": job["user"], "failed": failures[job["user"]]})
         bar.set_postfix(done=stats["answered"], failed=len(failures), tokens=stats["prompt_tokens"] + stats["completion_tokens"])
     return []
 
@@ -422,7 +434,7 @@ def summarize(args, source, users, rows, failures, stopped, stats: Counter, seco
     retries = {k[len("retries["):-1]: v for k, v in stats.items() if k.startswith("retries[")}
     return {"backend": args.backend, "model": args.model if args.backend in ("openai", "local") else None, "source": source,
             "users": len(users), "done": len(rows), "failed": len(failures), "not_asked_budget": len(stopped),
-            "cached": stats["cached"], "answered": stats["answered"], "requests": stats["requests"],
+            "cached": stats["cached"], "cached_failures": stats["cached_failures"], "answered": stats["answered"], "requests": stats["requests"],
             "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
             "retries": retries, "retries_total": sum(retries.values()), "fallbacks": stats["fallbacks"],
             "invalid_answer_retry": {"temperature": args.retry_temperature, "seed": f"{args.seed} + attempt"},
@@ -459,16 +471,21 @@ def llm_backend(users, titles, args, run: RunDir, stats, failures, has_reviews) 
         prompt = args.prompt.format(reviews=text)
         cut["key"] = cache_key(u["user"], args, prompt)
         cuts[u["user"]] = cut
-        if cut["key"] in cache.entries:
+        entry = cache.entries.get(cut["key"])
+        if entry and "failed" in entry and not args.retry_failed:
+            failures[u["user"]] = f"{entry['failed']} (in an earlier run; --retry_failed true asks again)"
+            stats["cached_failures"] += 1
+        elif entry and "preference" in entry:
             stats["cached"] += 1
         else:
             jobs.append({"user": u["user"], "key": cut["key"], "prompt": prompt})
-    if stats["cached"]:
-        logger.info("preferences: resuming: %d users answered from the cache %s, %d to request", stats["cached"], cache.path, len(jobs))
+    if stats["cached"] or stats["cached_failures"]:
+        logger.info("preferences: resuming: %d users answered from the cache %s (%d failed earlier), %d to request", stats["cached"],
+                    cache.path, stats["cached_failures"], len(jobs))
     stopped = (run_openai if args.backend == "openai" else run_local)(jobs, args, cache, stats, failures)
     results = {}
     for user, cut in cuts.items():
         entry = cache.entries.get(cut.pop("key"))
-        if entry:
+        if entry and "preference" in entry:
             results[user] = {"preference": entry["preference"], "cut": cut}
     return results, stopped, args.base_url or args.model
