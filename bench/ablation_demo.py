@@ -12,6 +12,9 @@ VARIANTS = ["--variants", "full", "wo_all_align", "pid_wo_align", "nid", "oid"] 
 
 
 def main() -> int:
+    from ulmrec_hf.cli import setup_logging
+
+    setup_logging()
     from ulmrec_hf.runner import ablate
 
     run = ROOT / "bench" / "runs" / "demo"

@@ -41,6 +41,7 @@ def saved_bytes(shape: dict, index_tokens: int, targets: list[str], dtype=torch.
         state = get_peft_model_state_dict(peft_model, save_embedding_layers=save_embeddings)
         out["with_embedding_copies" if save_embeddings else "adapter"] = {
             "bytes": sum(t.numel() * t.element_size() for t in state.values()), "tensors": len(state),
+            "dtypes": sorted({str(t.dtype).replace("torch.", "") for t in state.values()}),
             "largest": max(([*t.shape] for t in state.values()), key=lambda s: torch.Size(s).numel())}
     by_kind = {"lora": 0, "index_token_rows": 0}
     for name, t in get_peft_model_state_dict(peft_model, save_embedding_layers=False).items():
@@ -56,7 +57,7 @@ def main() -> int:
     }
     results = {}
     for name, spec in rows.items():
-        results[name] = {"index_tokens": spec["index_tokens"], "lora_targets": spec["targets"], "dtype": "bfloat16",
+        results[name] = {"index_tokens": spec["index_tokens"], "lora_targets": spec["targets"], "base_dtype": "bfloat16",
                          **saved_bytes(spec["shape"], spec["index_tokens"], spec["targets"])}
     demo = ROOT / "runs" / "demo" / "ranker" / "adapter_model.safetensors"
     if demo.exists():
@@ -69,7 +70,8 @@ def main() -> int:
         if "measured_demo_adapter_bytes" in r:
             print(f"|   measured: runs/demo/ranker/adapter_model.safetensors | {r['measured_demo_adapter_bytes'] / 1e6:.2f} MB | | | |")
     out = ROOT / "bench" / "results" / "adapter_size.json"
-    out.write_text(json.dumps({"note": "bytes of the tensors PEFT saves, computed on the meta device (shapes only); bf16 storage",
+    out.write_text(json.dumps({"note": "bytes of the tensors PEFT saves, computed on the meta device (shapes only); PEFT keeps "
+                                       "trainable weights in float32 (autocast_adapter_dtype), so they are saved in float32",
                                "results": results}, indent=2) + "\n")
     return 0
 

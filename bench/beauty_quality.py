@@ -36,15 +36,22 @@ NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "
 PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
 PROTOCOLS = ("paper", "shuffled")
 MODELS = {"llamarec": NO_ALIGN, "ulmrec_pid": []}
+WALL = RUNS / "wall_s.json"  # seconds per stage, summed over the calls that ran it (a resumed stage adds up)
 
 
-def stage(name: str, run: Path, flags: list[str]) -> float:
+def stage(name: str, run: Path, flags: list[str]) -> None:
     from ulmrec_hf.runner import run_stage
 
     start = time.time()
     print(f"== {run.relative_to(RUNS)}: ulmrec {name} {' '.join(flags)}", flush=True)
     run_stage(name, ["--config", str(RECIPE), "--run_dir", str(run), *flags])
-    return round(time.time() - start, 1)
+    wall, key = read_wall(), f"{run.relative_to(RUNS)}/{name}"
+    wall[key] = round(wall.get(key, 0) + time.time() - start, 1)
+    WALL.write_text(json.dumps(wall, indent=2) + "\n")
+
+
+def read_wall() -> dict:
+    return json.loads(WALL.read_text()) if WALL.exists() else {}
 
 
 def link(src: Path, dst: Path) -> None:
@@ -53,23 +60,21 @@ def link(src: Path, dst: Path) -> None:
         os.symlink(src.resolve(), dst, target_is_directory=True)
 
 
-def base_run(times: dict) -> Path:
+def base_run() -> Path:
     """Data and LRURec candidates from bench/runs/beauty-lrurec (trained there if absent), imported preferences, pid index."""
     import subprocess
 
     base = RUNS / "base"
     if not (RETRIEVER_RUN / "retriever" / "_COMPLETE").exists():
-        start = time.time()
         subprocess.run([sys.executable, str(ROOT / "bench" / "retriever.py"), "--only", "lrurec"], check=True)
-        times["retrieve"] = round(time.time() - start, 1)
     for name in ("data", "retriever"):
         link(RETRIEVER_RUN / name, base / name)
-    times["preferences"] = stage("preferences", base, [])
-    times["index"] = stage("index", base, [])
+    stage("preferences", base, [])
+    stage("index", base, [])
     return base
 
 
-def model_runs(base: Path, common: list[str], train_flags: list[str], times: dict) -> None:
+def model_runs(base: Path, common: list[str], train_flags: list[str]) -> None:
     """Each model: tasks and training in the paper protocol, evaluated there; then the shuffled protocol's tasks
     (identical training rows, checked) and the same ranker evaluated on them."""
     from ulmrec_hf.runner import link_shared
@@ -79,21 +84,20 @@ def model_runs(base: Path, common: list[str], train_flags: list[str], times: dic
         for protocol in PROTOCOLS:
             run = RUNS / protocol / model
             link_shared(base, run, ("prepare", "retrieve", "preferences") + (("index",) if model == "ulmrec_pid" else ()))
-            t = times.setdefault(f"{protocol}/{model}", {})
             if index:
-                t["index"] = stage("index", run, index)
-            t["tasks"] = stage("tasks", run, ["--protocol", protocol, *common, *flags])
+                stage("index", run, index)
+            stage("tasks", run, ["--protocol", protocol, *common, *flags])
             if protocol == "paper":
-                t["train"] = stage("train", run, train_flags)
-                t["evaluate"] = stage("evaluate", run, ["--uid_only", "false"])
+                stage("train", run, train_flags)
+                stage("evaluate", run, ["--uid_only", "false"])
             else:
                 paper = RUNS / "paper" / model
                 same_rows(paper, run)
-                t["evaluate"] = stage("evaluate", run, ["--uid_only", "false", "--ranker", str(paper / "ranker")])
+                stage("evaluate", run, ["--uid_only", "false", "--ranker", str(paper / "ranker")])
     for protocol in PROTOCOLS:
         zero = RUNS / protocol / "zero_shot"
         link_shared(RUNS / protocol / "llamarec", zero, ("prepare", "retrieve", "preferences", "index", "tasks"))
-        times[f"{protocol}/zero_shot"] = {"evaluate": stage("evaluate", zero, ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"])}
+        stage("evaluate", zero, ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"])
 
 
 def same_rows(a: Path, b: Path) -> None:
@@ -135,9 +139,11 @@ def rows_of(protocol: str) -> dict:
     return out
 
 
-def report(args, times: dict, wall: float) -> dict:
+def report(args) -> dict:
     meta = json.loads((RUNS / "paper" / "llamarec" / "tasks" / "eval_meta.json").read_text())
     mixtures = {m: json.loads((RUNS / "paper" / m / "tasks" / "mixture.json").read_text()) for m in MODELS}
+    retriever = json.loads((RETRIEVER_RUN / "retriever" / "metrics.json").read_text())
+    wall = {"retrieve (bench/retriever.py)": retriever["wall_time_s"], **read_wall()}
     results = {}
     for protocol in PROTOCOLS:
         rows = rows_of(protocol)
@@ -149,7 +155,7 @@ def report(args, times: dict, wall: float) -> dict:
                "validation_users": meta["validation"], "prompt": {"history_len": 5, "title_max_tokens": 16},
                "training": {m: {"next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"], "tasks": mix["tasks"]}
                             for m, mix in mixtures.items()},
-               "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": times, "wall_s_total": round(wall, 1),
+               "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": wall, "wall_s_total": round(sum(wall.values()), 1),
                "results": results}
     (ROOT / "bench" / "results" / "beauty_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     (ROOT / "bench" / "results" / "beauty_quality.md").write_text(markdown(summary))
@@ -180,12 +186,15 @@ def markdown(s: dict) -> str:
                          f"{r['overall']['ndcg@10']:.4f} | {ci(r['vs_lrurec'])} | {ci(r['vs_llamarec'])} |")
         lines.append("")
     paper = s["paper_metrics"]
-    lines.append(f"The authors' released Llama-2-7b checkpoint: rank N@10 {paper['rank_subset'].get('NDCG@10', paper['rank_subset'])}"
-                 if isinstance(paper.get("rank_subset"), dict) else "")
+    lines.append(f"For scale, the authors' released Llama-2-7b checkpoint on all test users with their own LRURec candidates: "
+                 f"rank N@10 {paper['rank_subset']['test_NDCG@10']:.4f}, overall N@10 {paper['overall']['test_NDCG@10']:.4f}.")
     return "\n".join(lines) + "\n"
 
 
 def main() -> int:
+    from ulmrec_hf.cli import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--train_samples", type=int, default=400, help="Next-item training rows of both models.")
     parser.add_argument("--eval_users", type=int, default=8000, help="Test users sampled (about 13%% have the ground truth in the top 20).")
@@ -194,13 +203,11 @@ def main() -> int:
     if not DATA.exists():
         print(f"skip: {DATA} is absent")
         return 0
-    start, times = time.time(), {}
     common = ["--max_train_samples", str(args.train_samples), "--max_eval_users", str(args.eval_users), "--eval_seed", str(EVAL_SEED),
               "--max_validation_users", str(args.validation_users), *PROMPT]
     train_flags = ["--eval_before_training", "false", "--eval_steps", "1000000"]  # the final weights, scored once at the end
-    base = base_run(times)
-    model_runs(base, common, train_flags, times)
-    report(args, times, time.time() - start)
+    model_runs(base_run(), common, train_flags)
+    report(args)
     return 0
 
 

@@ -153,6 +153,9 @@ def table(results: dict, retriever: dict) -> str:
 
 
 def main() -> int:
+    from ulmrec_hf.cli import setup_logging
+
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry_run", action="store_true", help="Tiny sizes on the CPU: demo data, a 2-layer Llama.")
     parser.add_argument("--data", default=str(DATA), help="The amazon-beauty-ulmrec folder.")

@@ -55,6 +55,9 @@ def heldout_similarity(run: Path, seed: int = 0) -> dict:
 
 
 def main() -> int:
+    from ulmrec_hf.cli import setup_logging
+
+    setup_logging()
     results = {}
     if MI.exists():
         run = ROOT / "bench" / "runs" / "mi"

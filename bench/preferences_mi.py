@@ -27,6 +27,9 @@ def run(run_dir: Path, flags: list[str]) -> dict:
 
 
 def main() -> int:
+    from ulmrec_hf.cli import setup_logging
+
+    setup_logging()
     from ulmrec_hf.runner import run_stage
 
     if not MI.exists():

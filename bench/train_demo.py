@@ -19,6 +19,9 @@ def random_ndcg(k: int, n: int = 20) -> float:
 
 
 def main() -> int:
+    from ulmrec_hf.cli import setup_logging
+
+    setup_logging()
     from ulmrec_hf.runner import run_recipe
 
     run = ROOT / "bench" / "runs" / "demo"

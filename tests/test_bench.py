@@ -36,3 +36,33 @@ def test_gpu_beauty_dry_run(tmp_path):
     assert r["results"]["ulmrec_pid"]["train_samples"] > r["results"]["llamarec"]["train_samples"]
     assert r["results"]["ulmrec_pid"]["next_item_samples"] == r["results"]["llamarec"]["next_item_samples"]
     assert "| llamarec + LRURec fused" in out.with_suffix(".md").read_text()
+
+
+def load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_beauty_quality_paired_interval_and_table():
+    bq = load_script("beauty_quality")
+    base = {"u1": 0.5, "u2": 0.0, "u3": 1.0, "u4": 0.25}
+    better = {"u1": 0.6, "u2": 0.2, "u3": 1.0, "u4": 0.25}  # differences 0.1, 0.2, 0, 0: mean 0.075, sd 0.0957
+    p = bq.paired(better, base)
+    assert p["mean"] == 0.5125 and p["diff"] == 0.075
+    assert p["ci95"] == [round(0.075 - 1.96 * 0.095743 / 2, 4), round(0.075 + 1.96 * 0.095743 / 2, 4)]
+    assert bq.paired(base, base) == {"mean": 0.4375, "diff": 0.0, "ci95": [0.0, 0.0]}
+    metric = {"ndcg@10": 0.4, "recall@10": 0.7, "mrr@10": 0.3}
+    row = lambda w: {"rank": metric, "overall": metric, "fusion_weight": w, "vs_lrurec": p, "vs_llamarec": p}  # noqa: E731
+    summary = {"test_users": {"users": 100, "all_users": 200, "in_candidates": 13}, "validation_users": {"users": 50, "in_candidates": 7},
+               "eval_seed": 42, "training": {"llamarec": {"all_rows": 400, "next_item_rows": 400}, "ulmrec_pid": {"all_rows": 520, "next_item_rows": 400}},
+               "prompt": {"history_len": 5, "title_max_tokens": 16}, "wall_s_total": 600,
+               "paper_metrics": {"rank_subset": {"test_NDCG@10": 0.4445}, "overall": {"test_NDCG@10": 0.0585}},
+               "results": {"paper": {"LRURec order": row(None), "ulmrec_pid + LRURec fused": row(0.35)}}}
+    table = bq.markdown(summary)
+    assert "400 next-item + 120 alignment rows" in table and "total wall time 10 min" in table
+    assert "| ulmrec_pid + LRURec fused (w=0.35) | 0.4000 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table
+    assert "rank N@10 0.4445, overall N@10 0.0585" in table

@@ -38,14 +38,19 @@ def usage(commands: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from .runner import STAGES, VARIANTS, ablate, run_recipe, run_stage
-
-    argv = list(sys.argv[1:] if argv is None else argv)
+def setup_logging() -> None:
+    """The stages' INFO log (resumes, derived defaults, warnings) on stderr; for the CLI and scripts that call stages."""
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # our stages show their own progress
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("accelerate", "httpx", "datasets"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .runner import STAGES, VARIANTS, ablate, run_recipe, run_stage
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    setup_logging()
     commands = [*STAGES, "run", "ablate"]
     if not argv or argv[0] in ("-h", "--help"):
         print(usage(commands))

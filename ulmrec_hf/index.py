@@ -333,7 +333,8 @@ def main(stage: StageArguments, args: IndexArguments) -> Path:
     from .models.user_index import IdAttention, resolve_collisions
 
     torch.manual_seed(args.seed)
-    if (out / "attention" / "config.json").exists():  # an interrupted run with these settings already trained A
+    resumed = (out / "attention.json").exists()  # an interrupted run with these settings already trained A
+    if resumed:
         logger.info("index: resuming: the ID attention in %s is already trained", out / "attention")
         attention, attention_loss = IdAttention.from_pretrained(out / "attention"), read_json(out / "attention.json")["final_loss"]
     else:
@@ -354,6 +355,8 @@ def main(stage: StageArguments, args: IndexArguments) -> Path:
         "text_source": args.text_source, "encoder": args.encoder, "encoder_revision": encoder_revision(args.encoder),
         "embedding_cache": str(cache), "heldout_text_excluded": not args.include_heldout_text,
         "texts": sum(map(len, texts)), "users_without_text": without_text, "shards_encoded_this_run": encoded_shards,
+        "resumed": {"embedding_shards_from_cache": encoded_shards < math.ceil(len(set(all_texts)) / args.encoder_shard_size),
+                    "attention_already_trained": resumed},
         "attention_final_infonce": attention_loss, **losses,
         "collision_rate_before": round(before, 6), "users_moved": moved, "collision_rate_after": round(collision_rate(codes), 6),
         "unique": len(set(strings)), "codebook": usage_stats(codes, args.rq_codebook_size), "wall_time_s": round(time.time() - start, 2),

@@ -7,7 +7,7 @@ Requests to an endpoint are sized and paced for real servers and real bills:
 - every request carries `max_tokens` (one sentence by default) and stops at a line break; an answer cut off by
   `max_tokens` counts as invalid, and so do an introduction without content ("The user's preferences are:") and lists;
 - a retry after an invalid answer changes the request (a higher temperature and a seed), since the same request at
-  temperature 0 returns the same answer;
+  temperature 0 returns the same answer; there are at most `invalid_retries` of them (transport errors get `max_retries`);
 - a timed-out request is still running on the server, so a timeout halves the number of requests in flight (it grows
   back one per `concurrency` answers) and its retry waits at least `request_timeout`;
 - tokens and requests are counted in `summary.json`, and `token_budget` stops a run before it would spend more.

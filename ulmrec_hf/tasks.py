@@ -111,6 +111,9 @@ class Negatives:
         self.items, self.n, self.seed = items, n_candidates, seed
 
     def candidates(self, target: int, exclude: set[int], key: str) -> list[int]:
+        if len(self.items) - len(exclude | {target}) < self.n - 1:
+            raise UlmrecError(f"tasks: {len(self.items)} items leave fewer than {self.n - 1} negatives outside a user's "
+                              f"{len(exclude)} training items; use train_candidates: retriever")
         rng = random.Random(f"{self.seed}-{key}")
         chosen = []
         while len(chosen) < self.n - 1:
