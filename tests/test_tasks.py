@@ -5,7 +5,7 @@ import pytest
 
 from ulmrec_hf.common import UlmrecError, read_json
 from ulmrec_hf.runner import run_stage
-from ulmrec_hf.tasks import PROTOCOLS, TaskArguments, enabled_tasks, resolve_protocol, with_target
+from ulmrec_hf.tasks import PROTOCOLS, Negatives, TaskArguments, enabled_tasks, resolve_protocol, with_target
 
 NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "false", "--use_history_to_index", "false",
             "--use_rating", "false", "--use_intent", "false"]
@@ -169,3 +169,12 @@ def test_eval_seed_fixes_test_users_across_training_seeds(inputs, tasks_flags):
         assert meta["test"]["users"] == 40 and meta["validation"]["users"] == 20 and meta["eval_seed"] == 7
     assert made[1]["next_item_test"]["prompt"] == made[2]["next_item_test"]["prompt"]
     assert made[1]["train"]["prompt"] != made[2]["train"]["prompt"]  # the training sample follows the training seed
+
+
+def test_negatives_stop_with_a_clear_error_when_the_catalogue_is_too_small():
+    """Without enough items outside the history the sampler would loop forever; it must say why instead."""
+    history = {1, 2, 3, 4, 5}
+    cands = Negatives(list(range(25)), 20, seed=0).candidates(0, history, "u1")
+    assert len(set(cands)) == 20 and cands.count(0) == 1 and not history & set(cands)
+    with pytest.raises(UlmrecError, match="fewer than 19 negatives"):
+        Negatives(list(range(24)), 20, seed=0).candidates(0, history, "u1")
