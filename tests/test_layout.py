@@ -12,6 +12,41 @@ from ulmrec_hf.runner import run_stage
 UPSTREAM = ["prepare", "retrieve", "preferences", "index", "tasks", "train", "evaluate"]
 
 
+def test_begin_takes_the_same_branch_on_every_rank(tmp_path, monkeypatch):
+    """Rank 0 writes the start marker; a slower rank 1 must not read it as an unfinished run to resume and skip the
+    barrier rank 0 waits at (the two-process DDP hang). Ranks are threads here, the barrier a threading.Barrier."""
+    import threading
+    import time
+
+    from ulmrec_hf import layout
+
+    barrier, rank, calls = threading.Barrier(2, timeout=10), threading.local(), {0: 0, 1: 0}
+
+    def sync():
+        barrier.wait()
+        calls[rank.id] += 1
+        if rank.id == 1 and calls[1] == 1:
+            time.sleep(0.5)  # rank 1 reads the markers late
+
+    monkeypatch.setattr(layout, "sync", sync)
+    monkeypatch.setattr(layout, "main_process", lambda: rank.id == 0)
+    results, errors = {}, []
+
+    def worker(r):
+        rank.id = r
+        try:
+            results[r] = RunDir(tmp_path).begin("retrieve", {"lr": 1e-3}, overwrite=False)
+        except Exception as e:  # noqa: BLE001 - reported by the assertion below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and results == {0: True, 1: True} and calls[0] == calls[1] == 3
+
+
 def test_begin_finish_skip_differ_resume(tmp_path):
     run = RunDir(tmp_path)
     assert run.begin("retrieve", {"lr": 1e-3}, overwrite=False) is True

@@ -80,7 +80,11 @@ def test_two_process_ddp_on_cpu(tmp_path, demo_run, copy_stages, free_port):
     cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--main_process_port", str(free_port()), "--dynamo_backend", "no", "-m", "ulmrec_hf.cli", "retrieve", "--run", str(run),
            *[f"--{k}={v}" for k, v in {**FAST, "patience": 100}.items()]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired as e:  # a hang: show where the ranks were
+        err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"two-process retrieve hung for 300 s:\n{err[-3000:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_json(run / "retriever" / "metrics.json")["metrics"]["test"]["recall@20"] > 0.2
     state = read_json(run / "retriever" / "checkpoint" / "trainer_state.json")

@@ -100,24 +100,34 @@ class RunDir:
             logger.info("%s: %s is unfinished and %s does not resume; starting again", stage, folder, stage)
             shutil.rmtree(folder)
         sync()
-        for marker, state in ((COMPLETE, "finished"), (STARTED, "unfinished")):
-            if (folder / marker).exists():
-                old = read_json(folder / marker)
-                old = {"settings": old.get("settings", {}), "inputs": old.get("inputs", {})}
-                if old == record:
-                    if state == "finished":
-                        logger.info("%s: %s is finished with these settings; skipping (--overwrite recomputes it)", stage, folder)
-                        return False
-                    logger.info("%s: resuming the unfinished output in %s", stage, folder)
-                    return True
-                raise UlmrecError(f"{stage}: {folder} holds {state} output made with other settings:\n"
-                                  + "\n".join(differences(old, record))
-                                  + "\nuse --overwrite to delete it and compute it again, or run with the old settings")
+        state = self.existing_output(stage, record)
+        sync()  # every rank has read the markers before rank 0 writes one, so all ranks take the same branch
+        if state == "finished":
+            logger.info("%s: %s is finished with these settings; skipping (--overwrite recomputes it)", stage, folder)
+            return False
+        if state == "unfinished":
+            logger.info("%s: resuming the unfinished output in %s", stage, folder)
+            return True
         if main_process():
             folder.mkdir(parents=True, exist_ok=True)
             write_json(folder / STARTED, {**record, "started": time.strftime("%Y-%m-%dT%H:%M:%S")})
         sync()
         return True
+
+    def existing_output(self, stage: str, record: dict) -> str | None:
+        """"finished" or "unfinished" when the stage's folder holds output made with `record`, None when it holds none;
+        output made with other settings is an error listing the differences."""
+        folder = self.path(stage)
+        for marker, state in ((COMPLETE, "finished"), (STARTED, "unfinished")):
+            if (folder / marker).exists():
+                old = read_json(folder / marker)
+                old = {"settings": old.get("settings", {}), "inputs": old.get("inputs", {})}
+                if old == record:
+                    return state
+                raise UlmrecError(f"{stage}: {folder} holds {state} output made with other settings:\n"
+                                  + "\n".join(differences(old, record))
+                                  + "\nuse --overwrite to delete it and compute it again, or run with the old settings")
+        return None
 
     def finish(self, stage: str, info: dict | None = None) -> None:
         if not main_process():
