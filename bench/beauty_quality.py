@@ -12,7 +12,7 @@ with LRURec, z(retriever) + w z(letter log-prob), w chosen on validation users o
 rank NDCG@10 against LRURec and against LlamaRec-style.
 
 Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--validation_users 4000]
-Resumable (bench/runs/beauty-quality/): finished stages are skipped and training resumes. About 2.5 h on 2 cores
+Resumable (bench/runs/beauty-quality/): finished stages are skipped and training resumes. About 3 h (179 min measured) on 2 cores
 including LRURec (run it in the background: nohup python bench/beauty_quality.py > bench/runs/beauty-quality.log 2>&1 &).
 """
 
