@@ -355,7 +355,7 @@ def main(stage: StageArguments, args: IndexArguments) -> Path:
         "text_source": args.text_source, "encoder": args.encoder, "encoder_revision": encoder_revision(args.encoder),
         "embedding_cache": str(cache), "heldout_text_excluded": not args.include_heldout_text,
         "texts": sum(map(len, texts)), "users_without_text": without_text, "shards_encoded_this_run": encoded_shards,
-        "resumed": {"embedding_shards_from_cache": encoded_shards < math.ceil(len(set(all_texts)) / args.encoder_shard_size),
+        "resumed": {"embedding_shards_from_cache": encoded_shards < math.ceil(len(row_of) / args.encoder_shard_size),
                     "attention_already_trained": resumed},
         "attention_final_infonce": attention_loss, **losses,
         "collision_rate_before": round(before, 6), "users_moved": moved, "collision_rate_after": round(collision_rate(codes), 6),
