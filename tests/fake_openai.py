@@ -1,11 +1,15 @@
-"""A real HTTP server on 127.0.0.1 speaking OpenAI chat completions, with scripted faults per user.
+"""A real HTTP server on 127.0.0.1 speaking OpenAI chat completions, completions and model listing, with scripted faults.
 
 Users are recognised by a `uNNNN` tag in the prompt. Faults on the first attempt, by NNNN % 10:
 1 -> 429 with Retry-After (only when NNNN % 50 == 1; other 1s answer normally), 2 -> 500, 3 -> slower
 than the client timeout, 4 -> malformed JSON, 5 -> empty answer, 6 -> an answer cut off by max_tokens
 (finish_reason "length"). NNNN % 25 == 7 -> 500 every time. `slow_users` are slow on their first attempt too;
-`invalid_users` always answer with an introduction and no content.
-Every request's payload and start time are recorded per user.
+`invalid_users` always answer with an introduction and no content; `answers` maps a user number to the text it always
+answers. Like the servers it stands for, it continues a final assistant message when asked with `continue_final_message`
+(vLLM), answers a JSON object when given a JSON-schema `response_format`, and continues the prompt on /v1/completions.
+`error` = (status, body) answers every POST with that error; `pinned` refuses other model names with the 400 that
+`transformers serve` sends. GET /v1/models lists `models` (or the pinned one) as owned by `owned_by`.
+Every request's payload, path and start time are recorded per user.
 """
 
 import json
@@ -18,9 +22,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeOpenAI:
     def __init__(self, slow_seconds: float = 1.5, delay: float = 0.0, retry_after: int = 1, slow_users: set[int] = frozenset(),
-                 faults: bool = True, invalid_users: set[int] = frozenset()):
+                 faults: bool = True, invalid_users: set[int] = frozenset(), answers: dict[int, str] | None = None,
+                 error: tuple[int, dict] | None = None, pinned: str | None = None, models: tuple[str, ...] = ("fake-gpt",),
+                 owned_by: str = "fake-org"):
         self.requests = defaultdict(list)  # user tag -> request times
         self.payloads = defaultdict(list)  # user tag -> request bodies
+        self.paths = defaultdict(list)  # user tag -> request paths
+        self.posts, self.gets = 0, 0  # every POST (tagged or not) and GET /v1/models
+        self.answers, self.error, self.pinned, self.owned_by = answers or {}, error, pinned, owned_by
+        self.models = (pinned,) if pinned else models
         self.intervals = []  # (user tag, attempt, start, end) of every request
         self.slow_users, self.faults, self.invalid_users = set(slow_users), faults, set(invalid_users)
         self.lock = threading.Lock()
@@ -63,6 +73,14 @@ class FakeOpenAI:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
+            def do_GET(self):
+                if self.path.rstrip("/") != "/v1/models":
+                    return self.send(404, b'{"detail": "Not Found"}')
+                with fake.lock:
+                    fake.gets += 1
+                data = [{"id": m, "object": "model", "created": 0, "owned_by": fake.owned_by} for m in fake.models]
+                self.send(200, json.dumps({"object": "list", "data": data}).encode())
+
             def do_POST(self):
                 start, self.tag_attempt = time.time(), (None, 0)
                 try:
@@ -73,12 +91,20 @@ class FakeOpenAI:
 
             def handle_post(self):
                 payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                prompt = payload["messages"][-1]["content"]
+                completion = self.path.rstrip("/").endswith("/v1/completions")
+                prompt = payload["prompt"] if completion else " ".join(m["content"] for m in payload["messages"])
+                with fake.lock:
+                    fake.posts += 1
+                if fake.error:
+                    return self.send(fake.error[0], json.dumps(fake.error[1]).encode())
+                if fake.pinned and payload["model"] != fake.pinned:
+                    return self.send(400, json.dumps({"detail": f"Server is pinned to '{fake.pinned}'; requested '{payload['model']}'."}).encode())
                 tag = re.search(r"u(\d{4})", prompt).group(0)
                 n = int(tag[1:])
                 with fake.lock:
                     fake.requests[tag].append(time.time())
                     fake.payloads[tag].append(payload)
+                    fake.paths[tag].append(self.path)
                     attempt = len(fake.requests[tag])
                 self.tag_attempt = (tag, attempt)
                 time.sleep(fake.delay)
@@ -95,14 +121,23 @@ class FakeOpenAI:
                     time.sleep(fake.slow_seconds)
                 if first and n % 10 == 4:
                     return self.send(200, b'{"id": "x", "choices": [')
-                content = "" if first and n % 10 == 5 else f"User {tag} prefers gentle {tag} things."
+                continues = completion or (payload.get("continue_final_message") and payload["messages"][-1]["role"] == "assistant")
+                content = f" gentle {tag} things." if continues else f"User {tag} prefers gentle {tag} things."
+                content = "" if first and n % 10 == 5 else content
                 if int(tag[1:]) in fake.invalid_users:
                     content = "The user's preferences are:"  # an introduction without content, every time
+                content = fake.answers.get(int(tag[1:]), content)
                 cut = first and n % 10 == 6
                 content, finish = (f"User {tag} prefers gentle {tag}", "length") if cut else (content, "stop")  # valid text, but cut off
-                body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": payload["model"],
-                        "choices": [{"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}],
-                        "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": 9, "total_tokens": len(prompt) // 4 + 9}}
+                if payload.get("response_format", {}).get("type") == "json_schema" and not cut:
+                    content = json.dumps({"preference": content})
+                usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": 9, "total_tokens": len(prompt) // 4 + 9}
+                if completion:
+                    choice = {"index": 0, "finish_reason": finish, "text": content, "logprobs": None}
+                    body = {"id": "cmpl-1", "object": "text_completion", "created": 0, "model": payload["model"], "choices": [choice], "usage": usage}
+                else:
+                    choice = {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}
+                    body = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": payload["model"], "choices": [choice], "usage": usage}
                 self.send(200, json.dumps(body).encode())
 
         return Handler

@@ -57,7 +57,26 @@ def test_evaluate_never_tunes_the_weight_on_test(tmp_path, tiny_pipeline, copy_s
     run_stage("evaluate", ["--run_dir", str(run), "--uid_only", "false"])
     again = read_json(run / "eval" / "metrics.json")
     assert again["fusion"] == summary["fusion"]
-    assert again["test"]["fused"] != summary["test"]["fused"] or w == max(FUSION_WEIGHTS)
+    assert again["test"]["fused"] != summary["test"]["fused"] and again["test"]["retriever"] == summary["test"]["retriever"]
+
+
+def test_a_tied_gold_score_gets_the_documented_rank_in_evaluate():
+    """Ties keep the shown order: a gold tied with an earlier candidate ranks after it, with a later one before it."""
+    from ulmrec_hf.evaluate import split_metrics
+
+    scores = np.array([[0.5, 0.9, 0.9, 0.1], [0.9, 0.9, 0.2, 0.1], [0.3, 0.3, 0.3, 0.3]], dtype=np.float32)
+    data = {"target_position": [2, 0, 3], "retriever_scores": [[4.0, 3.0, 2.0, 1.0]] * 3, "retriever_rank": [3, 1, 4]}
+    assert ranks(scores, np.array(data["target_position"])) == [2, 1, 4]
+    m = split_metrics(data, scores, 0.0, total_users=3)
+    assert m["ranker"]["tied_gold_users"] == 3 and m["retriever"]["tied_gold_users"] == 0
+    assert m["ranker"]["rank"]["mrr@5"] == pytest.approx((1 / 2 + 1 + 1 / 4) / 3)
+
+
+def test_integer_fusion_weights_are_accepted():
+    rng = np.random.default_rng(1)
+    retriever, letters, gold = rng.normal(size=(50, 20)), rng.normal(size=(50, 20)), rng.integers(0, 20, size=50)
+    w, choice = choose_weight([0, 1, 2], retriever, letters, gold)
+    assert isinstance(w, float) and set(choice["curve"]) == {"0.0", "1.0", "2.0"} and str(float(choice["best"])) in choice["curve"]
 
 
 def test_evaluate_writes_validation_test_and_every_row(tiny_pipeline):
@@ -107,7 +126,9 @@ def test_a_qlora_ranker_is_evaluated_on_its_4bit_base(qlora_run):
     trained = np.array(read_json(qlora_run / "ranker" / "validation_scores.json")["scores"], dtype=np.float32)  # the trainer's own
     model, tokenizer, config = load_ranker(qlora_run / "ranker")  # what evaluate loads
     prompts = datasets.load_from_disk(str(qlora_run / "tasks" / "next_item_validation"))["prompt"]
-    np.testing.assert_allclose(score_prompts(model, tokenizer, prompts, config["letter_token_ids"]), trained, atol=1e-5, rtol=0)
+    # bf16 activations move by ~1e-4 with a batch's padding (the trainer batches in dataset order, scoring by length);
+    # the float32 letter product no longer rounds that away
+    np.testing.assert_allclose(score_prompts(model, tokenizer, prompts, config["letter_token_ids"]), trained, atol=1e-3, rtol=0)
     check = read_json(qlora_run / "ranker" / "train_metrics.json")["reload_check"]
     np.testing.assert_array_equal(score_prompts(model, tokenizer, check["prompts"], config["letter_token_ids"]),
                                   np.array(check["scores"], dtype=np.float32))

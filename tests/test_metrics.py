@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from ulmrec_hf.metrics import metrics_from_ranks, rank_and_overall, rank_of, user_metrics
+import numpy as np
+
+from ulmrec_hf.metrics import gold_ranks, metrics_from_ranks, rank_and_overall, rank_of, ranking_order, tied_gold, user_metrics
 
 
 def test_metrics_by_hand():
@@ -37,3 +39,16 @@ def test_overall_is_per_user_over_all_users():
     assert rank["recall@5"] == pytest.approx(2 / 3) and overall["recall@5"] == pytest.approx(2 / 10)
     assert overall["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(8)) / 10)
     assert overall["mrr@10"] == pytest.approx((1 + 1 / 2 + 1 / 7) / 10)
+
+
+def test_the_tie_rule_is_the_serving_order():
+    """gold_ranks counts higher scores plus equal scores shown earlier: exactly the gold's place in ranking_order."""
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(300, 20)).astype(np.float32)  # many ties
+    gold = rng.integers(0, 20, size=300)
+    order = ranking_order(scores)
+    assert gold_ranks(scores, gold).tolist() == [int(np.where(o == g)[0][0]) + 1 for o, g in zip(order, gold)]
+    assert gold_ranks(np.array([[1.0, 1.0, 1.0]]), np.array([1])).tolist() == [2]  # neither optimistic (1) nor pessimistic (3)
+    assert tied_gold(np.array([[1.0, 1.0, 0.0], [1.0, 0.5, 0.0]]), np.array([0, 0])) == 1
+    with pytest.raises(ValueError, match="no gold column"):
+        gold_ranks(np.zeros((1, 3)), np.array([-1]))

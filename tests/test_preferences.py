@@ -12,7 +12,8 @@ import pytest
 
 from fake_openai import FakeOpenAI, peak_overlap
 from ulmrec_hf.common import StageArguments, UlmrecError, read_json
-from ulmrec_hf.preferences import OFFLINE_LABEL, AnswerError, PreferenceArguments, Throttle, load_import, user_text, validate_answer
+from ulmrec_hf.preferences import (ANSWER_SCHEMA, OFFLINE_LABEL, AnswerError, PreferenceArguments, Throttle, accept_answer, load_import,
+                                   user_text, validate_answer)
 from ulmrec_hf.preferences import main as preferences
 from ulmrec_hf.prepare import PrepareArguments
 from ulmrec_hf.prepare import main as prepare
@@ -62,7 +63,7 @@ def test_faults_end_in_one_preference_or_a_listed_failure(fresh_run):
     assert proc.returncode == 2 and "users have no preference" in proc.stderr
     prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
     always_broken = {f"R{u:04d}" for u in range(N_USERS) if u % 25 == 7}
-    assert set(failures) == always_broken and all("500" in r for r in failures.values())
+    assert set(failures) == always_broken and all("InternalServerError 500: always broken" in r["reason"] for r in failures.values())
     assert set(prefs) | set(failures) == {f"R{u:04d}" for u in range(N_USERS)} and not set(prefs) & set(failures)
     for user, text in prefs.items():
         assert text == f"User u{user[1:]} prefers gentle u{user[1:]} things."  # never the cut-off answer of the 6s
@@ -152,7 +153,10 @@ def test_users_whose_answers_stay_invalid_are_remembered(fresh_run):
         retried = subprocess.run(cli_args(run, server.base_url, *args, "--retry_failed", "true"), capture_output=True, text=True, timeout=300)
         asked_retry = {tag for tag, times in server.requests.items() if len(times) > 3}
     assert first.returncode == again.returncode == retried.returncode == 2
-    assert set(failures) == {"R0010", "R0012"} and all("a list or an introduction" in r and "--retry_failed" in r for r in failures.values())
+    assert set(failures) == {"R0010", "R0012"} and all("a list or an introduction" in r["reason"] and "--retry_failed" in r["reason"]
+                                                       for r in failures.values())
+    assert all(r["last_answer"] == "The user's preferences are:" for r in failures.values())  # what the model said, kept
+    assert "--retry_failed true" in first.stderr and "fallback: offline-keywords" in first.stderr  # how to go on
     assert asked_again == 0  # the rerun costs nothing: answers and remembered failures come from the cache
     assert read_json(run / "preferences" / "summary.json")["requests"] == 6 and asked_retry == {"u0010", "u0012"}
 
@@ -210,8 +214,8 @@ def test_import_reports_missing_users(fresh_run, tmp_path):
     (tmp_path / "prefs.json").write_text(json.dumps({f"R{u:04d}": f"likes {u}" for u in range(N_USERS - 2)} | {"stranger": "x"}))
     with pytest.raises(UlmrecError, match="2 of 300 users have no preference"):
         preferences(StageArguments(run_dir=str(fresh_run)), PreferenceArguments(backend="import", import_file=str(tmp_path / "prefs.json")))
-    assert read_json(fresh_run / "preferences" / "failures.json") == {"R0298": f"not in {tmp_path / 'prefs.json'}",
-                                                                      "R0299": f"not in {tmp_path / 'prefs.json'}"}
+    assert read_json(fresh_run / "preferences" / "failures.json") == {"R0298": {"reason": f"not in {tmp_path / 'prefs.json'}"},
+                                                                      "R0299": {"reason": f"not in {tmp_path / 'prefs.json'}"}}
 
 
 def test_import_names_the_line_of_a_bad_byte(tmp_path):
@@ -229,6 +233,124 @@ def test_answer_validation():
                 "The user's preferences are:", "This user's preferences are: 1. good strings 2. cheap picks 3. tuners"):
         with pytest.raises(AnswerError):
             validate_answer(bad, prompt, 100)
+
+
+def test_salvage_takes_one_sentence_out_of_an_introduction_or_a_one_item_list():
+    prompt = "Here are a user's product reviews, newest first, each with its star rating:\n- (5 stars) I adore this lavender soap a lot"
+    sentence = "The user likes lavender soap and mild shampoo."
+    for answer in (f"Here is the user's preference in one sentence: {sentence}", f"Sure! {sentence}", f"1. {sentence}",
+                   f"The user's preferences are: - {sentence}", f"Sure! Here is a summary of their tastes. {sentence}"):
+        assert accept_answer(answer, prompt, 200) == (sentence, True), answer
+    assert accept_answer(sentence, prompt, 200) == (sentence, False)
+    assert accept_answer("The user likes three things: soap, shampoo and brushes.", prompt, 200)[1] is False  # a colon inside a sentence
+    for bad in (f"{sentence} They dislike strong perfume.", f"Here is the answer: {sentence} They dislike strong perfume.",
+                "The user's preferences are: 1. lavender soap 2. mild shampoo", "1. lavender soap and bath salts 2. mild shampoo",
+                "Here is the answer: - (5 stars) I adore this lavender soap a lot", "The user's preferences are:"):
+        with pytest.raises(AnswerError):
+            accept_answer(bad, prompt, 200)
+
+
+@pytest.mark.parametrize("mode", ["chat", "prefill", "json_schema", "completion"])
+def test_each_answering_mode_sends_its_own_request(fresh_run, tiny_llm, mode):
+    run = fresh_run
+    with FakeOpenAI(faults=False) as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "3", "--answer_mode", mode, "--tokenizer", tiny_llm),
+                              capture_output=True, text=True, timeout=300)
+        payloads, paths, gets = dict(server.payloads), dict(server.paths), server.gets
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = payloads["u0000"][0]
+    assert first["model"] == "fake-gpt" and first["max_tokens"] == 64 and first["temperature"] == 0.0 and gets == 0
+    endpoint = "/v1/completions" if mode == "completion" else "/v1/chat/completions"
+    assert all(p == [endpoint] for p in paths.values()) and len(paths) == 3
+    messages = first.get("messages", [])
+    if mode == "chat":
+        assert [m["role"] for m in messages] == ["system", "user"] and first["stop"] == ["\n"]
+        assert not {"response_format", "continue_final_message", "add_generation_prompt"} & set(first)
+    if mode == "prefill":  # vLLM's and SGLang's names; llama.cpp and Ollama continue a final assistant message anyway
+        assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[-1]["content"] == "The user prefers"
+        assert first["continue_final_message"] is True and first["add_generation_prompt"] is False and first["stop"] == ["\n", ". "]
+    if mode == "json_schema":
+        assert first["response_format"] == ANSWER_SCHEMA and "stop" not in first
+    if mode == "completion":  # the prompt as the model's chat template renders it, ending in the prefilled answer
+        assert "messages" not in first and first["stop"] == ["\n", ". "]
+        assert "You summarise shoppers' tastes" in first["prompt"] and "u0000" in first["prompt"]
+        assert first["prompt"].endswith("<|im_start|>assistant\nThe user prefers")
+    continues = mode in ("prefill", "completion")
+    assert stored(run)["R0000"] == ("The user prefers gentle u0000 things." if continues else "User u0000 prefers gentle u0000 things.")
+    summary = read_json(run / "preferences" / "summary.json")
+    assert summary["answer_mode"] == mode and summary["answer_mode_source"] == "set by answer_mode"
+    assert summary["answers_by_mode"] == {mode: 3}
+
+
+@pytest.mark.parametrize("owned_by,expected", [("vllm", "prefill"), ("llamacpp", "prefill"), ("HuggingFaceTB", "completion"),
+                                               ("openai", "chat")])
+def test_the_answering_mode_is_detected_once_and_recorded(fresh_run, tiny_llm, owned_by, expected):
+    run = fresh_run
+    model = tiny_llm if expected == "completion" else "fake-gpt"  # a local folder with a chat template
+    args = ("--max_users", "4", "--model", model)
+    with FakeOpenAI(faults=False, owned_by=owned_by, models=(model, "other-model")) as server:
+        first = subprocess.run(cli_args(run, server.base_url, *args), capture_output=True, text=True, timeout=300)
+        gets, posts, summary = server.gets, server.posts, read_json(run / "preferences" / "summary.json")
+        again = subprocess.run(cli_args(run, server.base_url, *args, "--overwrite"), capture_output=True, text=True, timeout=300)
+        rerun = (server.gets - gets, server.posts - posts)
+    assert first.returncode == again.returncode == 0, first.stderr[-3000:]
+    assert gets == 1 and posts == 4  # one GET /v1/models for the whole run
+    assert summary["answer_mode"] == expected and f"owned_by '{owned_by}'" in summary["answer_mode_source"]
+    assert summary["answers_by_mode"] == {expected: 4}
+    assert rerun == (0, 0)  # every answer is in the cache: nothing to detect, nothing to ask
+    again_summary = read_json(run / "preferences" / "summary.json")
+    assert again_summary["cached"] == 4 and again_summary["answer_mode"] is None and again_summary["answers_by_mode"] == {expected: 4}
+
+
+@pytest.mark.parametrize("status,body,message", [
+    (400, {"detail": "Server is pinned to '/models/smol'; requested 'fake-gpt'."}, "BadRequestError 400: Server is pinned to '/models/smol'"),
+    (401, {"error": {"message": "Incorrect API key provided", "type": "invalid_request_error"}}, "AuthenticationError 401: Incorrect API key"),
+    (422, {"detail": [{"loc": ["body", "continue_final_message"], "msg": "Extra inputs are not permitted", "type": "extra_forbidden"}]},
+     "UnprocessableEntityError 422: body.continue_final_message: Extra inputs are not permitted")])
+def test_the_same_client_error_on_the_first_requests_stops_the_stage(fresh_run, status, body, message):
+    run = fresh_run
+    with FakeOpenAI(error=(status, body)) as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "40", "--concurrency", "4"), capture_output=True, text=True,
+                              timeout=300)
+        posts = server.posts
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
+    assert 2 <= posts <= 4  # stopped after the first window of `concurrency` requests, not one request per user
+    assert "every request would" in proc.stderr and not cache_file(run).exists()
+    if status == 401:
+        assert "Check the API key in $OPENAI_API_KEY" in proc.stderr
+
+
+def test_a_wrong_model_name_lists_the_served_models(fresh_run):
+    with FakeOpenAI(pinned="/models/SmolLM2-135M-Instruct", owned_by="HuggingFaceTB") as server:
+        proc = subprocess.run(cli_args(fresh_run, server.base_url, "--max_users", "30", "--concurrency", "4", "--answer_mode", "chat"),
+                              capture_output=True, text=True, timeout=300)
+        posts = server.posts
+    assert proc.returncode == 2 and posts <= 4
+    assert "Server is pinned to '/models/SmolLM2-135M-Instruct'; requested 'fake-gpt'." in proc.stderr
+    assert "not among the models the server offers (GET /v1/models): /models/SmolLM2-135M-Instruct" in proc.stderr
+
+
+def test_salvaged_answers_are_labelled_and_counted(fresh_run):
+    run = fresh_run
+    answers = {0: "Here is the user's preference in one sentence: User u0000 likes gentle soaps and mild scents.",
+               1: "1. User u0001 likes gentle soaps and mild scents.",
+               2: "User u0002 likes gentle soaps. They dislike strong scents.",
+               3: "The user's preferences are: 1. gentle soaps 2. mild scents and soft brushes"}
+    with FakeOpenAI(faults=False, answers=answers) as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "5", "--answer_mode", "chat", "--invalid_retries", "1"),
+                              capture_output=True, text=True, timeout=300)
+        asked = {tag: len(times) for tag, times in server.requests.items()}
+    assert proc.returncode == 2
+    prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
+    assert prefs["R0000"] == "User u0000 likes gentle soaps and mild scents." and prefs["R0001"] == "User u0001 likes gentle soaps and mild scents."
+    assert set(failures) == {"R0002", "R0003"} and asked["u0002"] == asked["u0003"] == 2  # rejected, retried once, rejected
+    assert "more than one sentence" in failures["R0002"]["reason"] and failures["R0002"]["last_answer"] == answers[2]
+    assert failures["R0003"]["last_answer"] == answers[3]
+    rows = {r["user"]: r for r in map(json.loads, (run / "preferences" / "preferences.jsonl").read_text().splitlines())}
+    assert [u for u, r in rows.items() if r.get("salvaged")] == ["R0000", "R0001"]
+    entries = {e["user"]: e for e in map(json.loads, cache_file(run).read_text().splitlines())}
+    assert entries["R0000"]["salvaged"] is True and entries["R0000"]["salvaged_from"] == answers[0] and "salvaged" not in entries["R0004"]
+    assert read_json(run / "preferences" / "summary.json")["salvaged"] == 2
 
 
 def test_review_budget_keeps_newest_first():

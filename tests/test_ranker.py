@@ -6,12 +6,39 @@ import pytest
 import torch
 
 from ulmrec_hf.common import UlmrecError, read_json
-from ulmrec_hf.ranker import length_batches, load_ranker, naive_scores, ranks_from_scores, score_prompts
+from ulmrec_hf.ranker import compute_metrics, length_batches, load_ranker, naive_scores, score_prompts
 
 
-def test_ranks_from_hand_made_scores():
-    scores = np.array([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 1.0, 0.0]])
-    assert ranks_from_scores(scores, np.array([2, 3, 2])).tolist() == [2, 4, 1]
+def test_checkpoint_selection_ranks_a_tied_gold_by_the_documented_rule():
+    from transformers import EvalPrediction
+
+    scores = np.array([[0.1, 0.9, 0.5, 0.3], [4.0, 3.0, 2.0, 1.0], [0.0, 0.0, 1.0, 0.0], [0.7, 0.7, 0.7, 0.7]])
+    metrics = compute_metrics(EvalPrediction(predictions=scores, label_ids=np.array([2, 3, 2, 3])))
+    assert metrics["mrr@10"] == pytest.approx((1 / 2 + 1 / 4 + 1 + 1 / 4) / 4)  # the tied gold shown last ranks 4th, not 1st
+    assert metrics["tied_gold_users"] == 1
+
+
+def test_bf16_model_gives_float32_letter_scores_without_collapsed_ties(tiny_llm):
+    """The letter logits of a bf16 model: float32 products keep apart what float32 logits keep apart; a bf16 product
+    (the old way) collapses them onto a few values."""
+    from ulmrec_hf.llm import load_tokenizer
+    from ulmrec_hf.ranker import last_hidden, letter_rows, load_base
+    from ulmrec_hf.prompts import letter_ids
+
+    tokenizer = load_tokenizer(tiny_llm)
+    tokenizer.padding_side = "left"
+    prompts = [f"### Instruction:\nPick one.\n### Input:\nCandidates: item {i}\n### Response:\n" for i in range(6)]
+    ids = letter_ids(tokenizer, prompts[0], 20)
+    fp32 = score_prompts(load_base(tiny_llm, "none", "float32", "cpu", len(tokenizer)), tokenizer, prompts, ids)
+    bf16_model = load_base(tiny_llm, "none", "bfloat16", "cpu", len(tokenizer))
+    bf16 = score_prompts(bf16_model, tokenizer, prompts, ids)
+    assert bf16.dtype == np.float32
+    distinct = lambda a: [len(set(row.tolist())) for row in a]  # noqa: E731
+    assert distinct(fp32) == [20] * len(prompts) and distinct(bf16) == distinct(fp32)
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        old = torch.nn.functional.linear(last_hidden(bf16_model, enc.input_ids, enc.attention_mask), letter_rows(bf16_model, ids)).float().numpy()
+    assert min(distinct(old)) < 20  # what the float32 rule prevents
 
 
 def test_length_batches_cap_rows_and_padded_tokens():

@@ -34,3 +34,19 @@ def test_recommend_serves_users_the_retriever_missed(tiny_pipeline, capsys):
     assert out.count("score") == 3 and "fused with the retriever, w=" in out
     with pytest.raises(UlmrecError, match="unknown user"):
         main(RunArguments(run_dir=str(tiny_pipeline)), RecommendArguments(user=["nobody"]))
+
+
+def test_recommend_ranks_a_tied_gold_where_evaluate_does(tiny_pipeline, monkeypatch):
+    """With every letter scored the same, serving keeps the shown order and the gold lands where evaluate ranks it."""
+    from ulmrec_hf import ranker
+    from ulmrec_hf.evaluate import ranks
+
+    test = datasets.load_from_disk(str(tiny_pipeline / "tasks" / "next_item_test"))
+    monkeypatch.setattr(ranker, "score_prompts", lambda model, tok, prompts, ids, **kw: np.zeros((len(prompts), len(ids)), dtype=np.float32))
+    users = test["user_id"][:4]
+    served = recommend_users(str(tiny_pipeline), [str(u) for u in users], ranker_only=True)
+    tied = np.zeros((len(users), len(test[0]["candidates"])), dtype=np.float32)
+    expected = ranks(tied, np.array(test["target_position"][:4]))
+    for n, row in enumerate(test.select(range(4))):
+        items = [item for item, _, _ in served[n]]
+        assert items == row["candidates"] and items.index(row["target"]) + 1 == expected[n]

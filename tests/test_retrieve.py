@@ -24,6 +24,30 @@ def test_user_splits_are_leave_one_out():
     assert splits["test"] == [([3, 4, 5], 6)] and splits["validation"] == [([2, 3, 4], 5)] and splits["train"] == [([1, 2, 3], 4)]
 
 
+def test_a_target_tied_at_the_top_k_boundary_is_ranked_as_the_list_stores_it():
+    """Equal scores rank the lower item id first, in the rank and the stored top-k alike."""
+    scores = torch.tensor([[-1e9, 5.0, 3.0, 3.0, 3.0, 1.0], [-1e9, 2.0, 2.0, 2.0, 2.0, 2.0]])
+    ids, values = retrieve_mod.top_k_with_ties(scores, 3, torch)
+    assert ids.tolist() == [[1, 2, 3], [1, 2, 3]] and values[0].tolist() == [5.0, 3.0, 3.0]
+    ranks = retrieve_mod.rank_with_ties(scores, torch.tensor([4, 3]), torch)
+    assert ranks.tolist() == [4, 3]  # item 4 ties item 3 at the boundary but has the higher id: rank 4, not in the top 3
+    for row, target, rank in zip(ids.tolist(), [4, 3], ranks.tolist()):
+        assert (rank <= 3) == (target in row) and (rank > 3 or row[rank - 1] == target)
+
+
+def test_llamarec_optimizer_groups_exempt_biases_and_layer_norms(demo_run):
+    from ulmrec_hf.models.retrievers import RetrieverConfig, SequentialRetriever
+
+    model = SequentialRetriever(RetrieverConfig(num_items=30, hidden=16, ffn=32))
+    decayed, exempt = retrieve_mod.parameter_groups(model, RetrieveArguments(), torch)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert exempt["weight_decay"] == 0.0 and decayed["weight_decay"] == 0.01
+    assert {names[id(p)] for p in exempt["params"]} == {n for n in names.values() if n.endswith("bias") or "norm" in n}
+    assert "item_emb.weight" in {names[id(p)] for p in decayed["params"]}
+    assert len(retrieve_mod.parameter_groups(model, RetrieveArguments(decay_bias_and_norm=True), torch)) == 1
+    assert RetrieveArguments().adam_epsilon == 1e-9 and RetrieveArguments().max_grad_norm == 5.0
+
+
 @pytest.mark.parametrize("kind", ["lrurec", "sasrec"])
 def test_seeded_training_gives_identical_candidates(tmp_path, demo_run, copy_stages, kind):
     runs = [retrieve(copy_stages(demo_run, tmp_path / name, ("prepare",)), retriever=kind) for name in ("a", "b")]

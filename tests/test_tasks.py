@@ -26,23 +26,24 @@ def users_by_id(run):
 
 
 def test_all_prefix_rows_have_random_negatives_outside_the_history(inputs, tasks_flags):
+    """LlamaRec's sampler: negatives are any items but the target and the items before it."""
     run = inputs("a")
     run_stage("tasks", tasks_flags(run, "--protocol", "paper", "--max_train_samples", "300"))
     rows, users = datasets.load_from_disk(str(run / "tasks" / "next_item")), users_by_id(run)
-    positions = set()
+    positions, later = set(), False
     for r in rows:
         seq = users[r["user_id"]]["items"]
         train_seq = seq[:-2]
         assert len(r["candidates"]) == len(set(r["candidates"])) == 20
         assert r["candidates"].count(r["target"]) == 1 and r["candidates"][r["target_position"]] == r["target"]
         negatives = set(r["candidates"]) - {r["target"]}
-        assert not negatives & set(train_seq)  # no item of the user's training sequence (so no history item) is a negative
         t = train_seq.index(r["target"])
-        assert t >= 1
+        assert t >= 1 and not negatives & set(seq[: t + 1])  # no history item and not the target is a negative
+        later |= bool(negatives & set(seq[t + 1:]))
         positions.add((r["user_id"], t))
         history_titles = [line for line in r["prompt"].split("History:\n")[1].split("Candidates:")[0].splitlines() if line]
         assert 1 <= len(history_titles) <= 5
-    assert len(positions) == len(rows) == 300
+    assert len(positions) == len(rows) == 300 and later  # a later item of the user can be drawn (the sampler never looks at it)
     assert Counter(r["target_position"] for r in rows).most_common(1)[0][1] < 40  # shuffled: no favoured slot
     # the same seed gives the same rows, in a second run directory
     again = inputs("b")

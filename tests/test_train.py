@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from ulmrec_hf import train as train_mod
-from ulmrec_hf.common import UlmrecError, read_json
+from ulmrec_hf.common import UlmrecError, read_json, write_json
 from ulmrec_hf.layout import RunDir
 from ulmrec_hf.runner import parse_stage, run_stage
 
@@ -89,7 +89,7 @@ def test_new_token_rows_are_trained_and_the_card_says_what_the_adapter_holds(tin
     rows = metrics["index_token_rows"]
     assert rows["rows"] == len(read_json(tiny_pipeline / "user_index" / "tokens.json"))
     assert rows["max_abs_change"] > 0 and rows["rows_changed"] > 0
-    assert metrics["untrained"]["untrained_ndcg@10"] >= 0 and "eval_ndcg@10" in metrics["best"]
+    assert metrics["worse_than_untrained"] == (metrics["best"]["eval_ndcg@10"] < metrics["untrained"]["untrained_ndcg@10"])
     card = (tiny_pipeline / "ranker" / "README.md").read_text()
     config = read_json(tiny_pipeline / "ranker" / "ranker_config.json")
     assert card.startswith("---\n") and f"base_model: {config['base_model']}" in card and "library_name: peft" in card
@@ -98,17 +98,50 @@ def test_new_token_rows_are_trained_and_the_card_says_what_the_adapter_holds(tin
 
 
 def test_a_worse_adapter_is_flagged_in_the_card(tiny_pipeline):
-    from ulmrec_hf.train import RankerModelConfig, RankerTrainingConfig, model_card
+    from ulmrec_hf.train import RankerArguments, RankerModelConfig, RankerTrainingConfig, checkpoint_choice, model_card
 
     metrics = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
     config, mixture = read_json(tiny_pipeline / "ranker" / "ranker_config.json"), read_json(tiny_pipeline / "tasks" / "mixture.json")
-    worse = {**metrics, "worse_than_untrained": True, "untrained": {"untrained_ndcg@10": 0.9}, "best": {"eval_ndcg@10": 0.2}}
-    card = str(model_card(config, mixture, worse, RankerTrainingConfig(use_cpu=True), RankerModelConfig()))
+    user_text = {"preferences": "training interactions only", "index": "training interactions only"}
+    allowed = RankerArguments(allow_worse_than_untrained=True)
+    bad = {"untrained": {"untrained_ndcg@10": 0.9}, "best": {"eval_ndcg@10": 0.2}}
+    worse = {**metrics, **bad, "choice": checkpoint_choice(bad["best"], bad["untrained"], allowed), "worse_than_untrained": True}
+    card = str(model_card(config, mixture, worse, RankerTrainingConfig(use_cpu=True), RankerModelConfig(), user_text))
     assert "**Warning:** on validation this adapter ranks worse than the untrained base model" in card and "0.2000 against 0.9000" in card
-    better = {**metrics, "worse_than_untrained": False, "untrained": {"untrained_ndcg@10": 0.2}, "best": {"eval_ndcg@10": 0.3}}
-    assert "Warning" not in str(model_card(config, mixture, better, RankerTrainingConfig(use_cpu=True), RankerModelConfig()))
+    assert "kept as allowed by allow_worse_than_untrained" in card and "training interactions only" in card
+    good = {"untrained": {"untrained_ndcg@10": 0.2}, "best": {"eval_ndcg@10": 0.3}}
+    better = {**metrics, **good, "choice": checkpoint_choice(good["best"], good["untrained"], allowed), "worse_than_untrained": False}
+    assert "Warning" not in str(model_card(config, mixture, better, RankerTrainingConfig(use_cpu=True), RankerModelConfig(), user_text))
     flagged = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
     assert ("**Warning:**" in (tiny_pipeline / "ranker" / "README.md").read_text()) == flagged["worse_than_untrained"]
+
+
+def test_checkpoint_choice_refuses_a_worse_adapter_unless_allowed():
+    from ulmrec_hf.train import RankerArguments, checkpoint_choice
+
+    worse, base = {"eval_ndcg@10": 0.25}, {"untrained_ndcg@10": 0.3}
+    assert checkpoint_choice(worse, base, RankerArguments())["refused"]
+    assert not checkpoint_choice(worse, base, RankerArguments(allow_worse_than_untrained=True))["refused"]
+    tie = checkpoint_choice({"eval_ndcg@10": 0.3}, base, RankerArguments())
+    assert not tie["refused"] and tie["worse_than_untrained"] is False
+    assert checkpoint_choice(worse, None, RankerArguments())["worse_than_untrained"] is None
+
+
+def test_a_worse_adapter_stops_the_stage_and_a_rerun_that_allows_it_finishes(tasks_run, train_flags, monkeypatch):
+    """The untrained model made perfect on validation: no adapter can beat it, so the stage stops with its adapter
+    saved; the same settings with the flag resume and finish, and the card records the decision."""
+    def perfect(trainer, run, ranker, resume):
+        write_json(run.ranker / "untrained_metrics.json", {"untrained_ndcg@10": 1.0})
+        return read_json(run.ranker / "untrained_metrics.json")
+
+    monkeypatch.setattr(train_mod, "untrained_metrics", perfect)
+    with pytest.raises(UlmrecError, match="WORSE than the untrained model"):
+        run_stage("train", train_flags(tasks_run, "--max_steps", "2", "--allow_worse_than_untrained", "false"))
+    assert (tasks_run / "ranker" / "adapter_model.safetensors").exists() and not (tasks_run / "ranker" / "_COMPLETE").exists()
+    run_stage("train", train_flags(tasks_run, "--max_steps", "2"))
+    metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
+    assert metrics["worse_than_untrained"] and metrics["choice"]["refused"] is False and (tasks_run / "ranker" / "_COMPLETE").exists()
+    assert "kept as allowed by allow_worse_than_untrained" in (tasks_run / "ranker" / "README.md").read_text()
 
 
 def test_qlora_trains_lora_on_a_4bit_base(qlora_run):
@@ -185,6 +218,30 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_says_so(tasks_run, t
     assert metrics["resumed_at_step"] == 2 and metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
     assert "resuming from" in caplog.text and "checkpoint-2 (step 2)" in caplog.text
     assert metrics["untrained"] is not None  # measured before the interruption, read back
+
+
+def test_a_resume_without_the_untrained_scores_measures_them_first(tasks_run, train_flags, monkeypatch):
+    real = train_mod.make_trainer_class
+
+    def interrupting():
+        class Interrupted(real()):
+            def training_step(self, *args, **kwargs):
+                if self.state.global_step == 3:
+                    raise KeyboardInterrupt
+                return super().training_step(*args, **kwargs)
+
+        return Interrupted
+
+    monkeypatch.setattr(train_mod, "make_trainer_class", interrupting)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("train", train_flags(tasks_run))
+    first = read_json(tasks_run / "ranker" / "untrained_metrics.json")
+    (tasks_run / "ranker" / "untrained_metrics.json").unlink()
+    monkeypatch.setattr(train_mod, "make_trainer_class", real)
+    run_stage("train", train_flags(tasks_run))
+    metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
+    assert metrics["resumed_at_step"] == 2 and metrics["untrained"]["untrained_ndcg@10"] == first["untrained_ndcg@10"]
+    assert metrics["worse_than_untrained"] == (metrics["best"]["eval_ndcg@10"] < first["untrained_ndcg@10"])
 
 
 @pytest.mark.slow

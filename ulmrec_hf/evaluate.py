@@ -18,7 +18,7 @@ import numpy as np
 
 from .common import StageArguments, UlmrecError, settings_of, write_json
 from .layout import RunDir
-from .metrics import rank_and_overall
+from .metrics import TIE_RULE, gold_ranks, rank_and_overall, ranking_order, tied_gold
 
 logger = logging.getLogger(__name__)
 FUSION_WEIGHTS = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
@@ -52,9 +52,7 @@ def fuse(retriever_scores: np.ndarray, letter_scores: np.ndarray, w: float) -> n
 
 
 def ranks(scores: np.ndarray, gold: np.ndarray) -> list[int]:
-    from .ranker import ranks_from_scores
-
-    return ranks_from_scores(scores, gold).tolist()
+    return gold_ranks(scores, gold).tolist()
 
 
 def choose_weight(weights: list[float], retriever_scores: np.ndarray, letter_scores: np.ndarray, gold: np.ndarray) -> tuple[float, dict]:
@@ -65,7 +63,7 @@ def choose_weight(weights: list[float], retriever_scores: np.ndarray, letter_sco
     if 0.0 not in weights:
         raise UlmrecError("evaluate: --fusion_weights must include 0 (the retriever alone)")
     per_user = {w: np.array([user_metrics(r, ks=(10,))["ndcg@10"] for r in ranks(fuse(retriever_scores, letter_scores, w), gold)])
-                for w in sorted(weights)}
+                for w in sorted(float(w) for w in weights)}
     curve = {w: float(v.mean()) for w, v in per_user.items()}
     best = max(curve, key=lambda w: (curve[w], -w))
     se = {w: float((per_user[w] - per_user[best]).std(ddof=1) / np.sqrt(len(gold))) if len(gold) > 1 else 0.0 for w in per_user}
@@ -76,7 +74,7 @@ def choose_weight(weights: list[float], retriever_scores: np.ndarray, letter_sco
 
 def agreement(a: np.ndarray, b: np.ndarray) -> dict:
     """How often two scorers give the same top-1 and the same top-10 (in order) per user."""
-    ta, tb = np.argsort(-a, axis=1, kind="stable"), np.argsort(-b, axis=1, kind="stable")
+    ta, tb = ranking_order(a), ranking_order(b)
     return {"users": len(a), "top1_identical": float((ta[:, 0] == tb[:, 0]).mean()), "top10_identical": float((ta[:, :10] == tb[:, :10]).all(1).mean()),
             "top10_same_set": float(np.mean([set(x[:10]) == set(y[:10]) for x, y in zip(ta, tb)]))}
 
@@ -152,7 +150,7 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     checked = merge_check(run, args, validation) if args.merge_adapter else None
     model, tokenizer, config = load_model(run, args, merge=args.merge_adapter)
     summary = {"ranker": config["ranker"] if args.zero_shot else str(ranker_folder(run, args)), "loaded_as": config["loaded_as"], "protocol": mixture["protocol"],
-               "users": {split: meta[split] for split in ("validation", "test")}}
+               "tie_rule": TIE_RULE, "user_text": run.user_text_provenance(), "users": {split: meta[split] for split in ("validation", "test")}}
     val_scores, summary["validation_scores"] = validation_scores(run, args, model, tokenizer, config, validation)
     if checked:
         summary["merge_agreement"] = {"compared_with": checked["loaded_as"], **agreement(checked["as_trained"], val_scores)}
@@ -168,7 +166,8 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     if args.uid_only and uid_only is not None:
         uid_scores = score(model, tokenizer, config, uid_only, args, "test uid-only")
         uid_ranks = ranks(uid_scores, np.array(uid_only["target_position"]))
-        summary["test"]["ranker_uid_only"] = rank_and_overall(uid_ranks, meta["test"]["users"])
+        summary["test"]["ranker_uid_only"] = {**rank_and_overall(uid_ranks, meta["test"]["users"]),
+                                              "tied_gold_users": tied_gold(uid_scores, np.array(uid_only["target_position"]))}
         per_user["test"] = per_user["test"].add_column("rank_uid_only", uid_ranks)
     untrained = None if args.zero_shot else untrained_validation(ranker_folder(run, args))
     if untrained is not None:
@@ -183,10 +182,13 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
 
 
 def split_metrics(data, scores: np.ndarray, w: float, total_users: int) -> dict:
-    gold = np.array(data["target_position"])
-    fused = ranks(fuse(np.array(data["retriever_scores"]), scores, w), gold)
-    return {"ranker": rank_and_overall(ranks(scores, gold), total_users), "fused": rank_and_overall(fused, total_users),
-            "retriever": rank_and_overall(data["retriever_rank"], total_users)}
+    """Rank and overall metrics of each row, with how many users' gold score tied another candidate's."""
+    gold, retriever = np.array(data["target_position"]), np.array(data["retriever_scores"])
+    out = {name: {**rank_and_overall(ranks(s, gold), total_users), "tied_gold_users": tied_gold(s, gold)}
+           for name, s in (("ranker", scores), ("fused", fuse(retriever, scores, w)))}
+    # The retriever's own order is its stored list (ties there: the lower item id first, as `retrieve` ranks).
+    out["retriever"] = {**rank_and_overall(data["retriever_rank"], total_users), "tied_gold_users": tied_gold(retriever, gold)}
+    return out
 
 
 def per_user_table(data, scores: np.ndarray, w: float):
@@ -220,13 +222,15 @@ def ranker_fingerprint(folder: str | None) -> str | None:
 def markdown_table(summary: dict) -> str:
     cols = [f"{m}@{k}" for k in (5, 10) for m in ("mrr", "ndcg", "recall")]
     test, users, w = summary["test"], summary["users"]["test"], summary["fusion"]["weight"]
-    head = "| method | " + " | ".join(f"rank {c}" for c in cols) + " | " + " | ".join(f"overall {c}" for c in cols) + " |"
+    head = "| method | " + " | ".join(f"rank {c}" for c in cols) + " | " + " | ".join(f"overall {c}" for c in cols) + " | tied gold |"
     lines = [f"test users: {users['users']} of {users['all_users']} (ground truth in the candidates: {users['in_candidates']}); "
              f"protocol: {summary['protocol']['name']} (evaluation order: {summary['protocol']['eval_order']}); ranker: {summary['ranker']} "
-             f"({summary['loaded_as']})", "", head, "|---" * (1 + 2 * len(cols)) + "|"]
+             f"({summary['loaded_as']})", f"ties: {summary['tie_rule']}; 'tied gold' counts the users whose ground truth's score "
+             "equals another candidate's", "", head, "|---" * (2 + 2 * len(cols)) + "|"]
     for name, m in test.items():
         label = f"fused (w={w:g})" if name == "fused" else name
-        lines.append(f"| {label} | " + " | ".join(f"{m['rank'][c]:.4f}" for c in cols) + " | " + " | ".join(f"{m['overall'][c]:.4f}" for c in cols) + " |")
+        lines.append(f"| {label} | " + " | ".join(f"{m['rank'][c]:.4f}" for c in cols) + " | " + " | ".join(f"{m['overall'][c]:.4f}" for c in cols)
+                     + f" | {m['tied_gold_users']} |")
     val = summary["validation"]
     parts = [f"untrained {val['untrained_rank_ndcg@10']:.4f}"] if "untrained_rank_ndcg@10" in val else []
     best = summary["fusion"]["best_weight"]

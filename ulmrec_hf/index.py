@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .common import StageArguments, UlmrecError, read_json, settings_of, write_json
 from .layout import RunDir, fingerprint
+from .split import IMPORTED, text_scope, training_part
 
 logger = logging.getLogger(__name__)
 
@@ -151,21 +152,31 @@ def encode_cached(texts: list[str], encoder_factory, cache: Path, shard_size: in
 
 
 def user_texts(users: list[dict], args: IndexArguments, titles: dict, preferences: dict | None) -> tuple[list[list[str]], list[list[str]]]:
-    """(texts used for the index, held-out texts) per user."""
+    """(texts used for the index, held-out texts) per user: the training interactions' texts unless include_heldout_text."""
     used, held = [], []
     for u in users:
-        if args.text_source == "preferences":
+        if args.text_source == "preferences":  # the preference stage itself read only what its own setting allowed
             used.append([preferences[u["user"]]] if preferences.get(u["user"]) else [])
             held.append([])
             continue
-        if args.text_source == "titles":
-            texts = [titles.get(i) or "" for i in u["items"]]
-        else:
-            texts = list(u.get("reviews") or [])
-        cut = len(texts) if args.include_heldout_text else len(texts) - 2
-        used.append([t for t in texts[:cut] if t and t.strip()])
-        held.append([t for t in texts[cut:] if t and t.strip()])
+        full = [titles.get(i) or "" for i in u["items"]] if args.text_source == "titles" else list(u.get("reviews") or [])
+        kept = full if args.include_heldout_text else training_part(full)
+        used.append([t for t in kept if t and t.strip()])
+        held.append([t for t in full[len(kept):] if t and t.strip()])
     return used, held
+
+
+def text_provenance(run: RunDir, args: IndexArguments) -> str:
+    """Which interactions the index's user text came from (recorded in stats.json and read by later stages)."""
+    if args.scheme == "import":
+        return IMPORTED
+    if args.scheme != "pid":
+        return "no user text (the index is the user's id)"
+    if args.text_source != "preferences":
+        return text_scope(args.include_heldout_text)
+    if args.preferences_file:
+        return f"preferences from {args.preferences_file}, {IMPORTED}"
+    return f"the preferences stage's sentences: {run.user_text_provenance()['preferences']}"
 
 
 def load_preferences(run: RunDir, args: IndexArguments) -> dict:
@@ -312,7 +323,7 @@ def main(stage: StageArguments, args: IndexArguments) -> Path:
 
     out, data, start = run.path("index"), run.prepared(), time.time()
     users = data["users"].to_list()
-    stats = {"scheme": args.scheme, "users": len(users)}
+    stats = {"scheme": args.scheme, "users": len(users), "user_text": text_provenance(run, args)}
     if args.scheme != "pid":
         strings, tokens = simple_scheme(users, args)
         stats.update(unique=len(set(strings)), collision_rate_after=round(1 - len(set(strings)) / len(users), 6))

@@ -208,6 +208,15 @@ class RunDir:
         with open(self.preferences_file) as f:
             return {row["user"]: row["preference"] for row in map(json.loads, f)}
 
+    def user_text_provenance(self) -> dict[str, str]:
+        """Which interactions the text derived from each user came from (see `split`): preferences and index."""
+        unknown = "not recorded (made before ulmrec-hf 0.3, which read all interactions)"
+        out = {}
+        for stage, name in (("preferences", "summary.json"), ("index", "stats.json")):
+            path = self.path(stage) / name
+            out[stage] = (read_json(path).get("user_text", unknown) if path.exists() else unknown) if self.is_complete(stage) else "stage not run"
+        return out
+
     # -- index ------------------------------------------------------------------------------------------------------------
     def index_table(self):
         import datasets

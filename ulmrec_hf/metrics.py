@@ -9,7 +9,34 @@ scikit-learn's ndcg_score in the tests.)
 import math
 from collections.abc import Sequence
 
+import numpy as np
+
 DEFAULT_KS = (1, 5, 10, 20)
+TIE_RULE = ("equal scores keep the order the candidates were shown in (the earlier letter ranks higher): a stable sort by "
+            "score, the same in evaluation, checkpoint selection, fusion and serving")
+
+
+def ranking_order(scores: np.ndarray) -> np.ndarray:
+    """Candidate columns best first, per row, under TIE_RULE (the order serving returns)."""
+    return np.argsort(-np.asarray(scores, dtype=np.float64), axis=-1, kind="stable")
+
+
+def gold_ranks(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """1-based rank of the gold column in each row under TIE_RULE: the candidates scored higher, plus those scored the
+    same that were shown earlier, rank above it (equal to its position in `ranking_order`)."""
+    scores, gold = np.asarray(scores, dtype=np.float64), np.asarray(gold, dtype=int)
+    if (gold < 0).any():
+        raise ValueError("gold_ranks: a row has no gold column (-1); only users whose target is among the candidates are ranked")
+    gold_scores = scores[np.arange(len(gold)), gold][:, None]
+    earlier = np.arange(scores.shape[1])[None, :] < gold[:, None]
+    return 1 + (scores > gold_scores).sum(1) + ((scores == gold_scores) & earlier).sum(1)
+
+
+def tied_gold(scores: np.ndarray, gold: np.ndarray) -> int:
+    """Users whose gold score equals another candidate's (where TIE_RULE decided the rank)."""
+    scores, gold = np.asarray(scores, dtype=np.float64), np.asarray(gold, dtype=int)
+    gold_scores = scores[np.arange(len(gold)), gold][:, None]
+    return int(((scores == gold_scores).sum(1) > 1).sum())
 
 
 def rank_of(ranked: Sequence[int], target: int) -> int | None:

@@ -11,6 +11,14 @@ Requests to an endpoint are sized and paced for real servers and real bills:
 - a timed-out request is still running on the server, so a timeout halves the number of requests in flight (it grows
   back one per `concurrency` answers) and its retry waits at least `request_timeout`;
 - tokens and requests are counted in `summary.json`, and `token_budget` stops a run before it would spend more.
+Small open models rarely answer a plain chat request with one bare sentence, so the `openai` backend asks in the way the
+server allows (`answer_mode`, chosen once per run from GET /v1/models unless the recipe sets it, and recorded): a chat
+whose answer starts with `response_prefix` and is continued by the server (`prefill`), a JSON-schema `response_format`
+(`json_schema`), a /v1/completions prompt rendered by the model's own chat template (`completion`), or a plain chat.
+An introduction followed by exactly one valid sentence, or a one-item list, is reduced to that sentence and labelled
+`salvaged`; two sentences, several items or an echo stay invalid. The same client error (400, 401, 403, 404, 422) on the
+first requests stops the stage at once with the server's own message (and the served models, when the model name is
+the cause). `failures.json` keeps each failed user's reason and last rejected answer.
 Every answer is appended (fsync'd) to the named cache `cache/preferences/responses.jsonl`, keyed by user, endpoint,
 model, messages and sampling settings, so a killed or budget-stopped run resumes without asking anything twice. A user
 whose answers stayed invalid through every retry is recorded there too, and is not asked again unless
@@ -26,12 +34,14 @@ import re
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import StageArguments, UlmrecError, read_text, settings_of, text_lines, write_json
 from .layout import RunDir
+from .split import IMPORTED, text_scope, user_view
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +51,18 @@ DEFAULT_PROMPT = (
     "In one sentence, state this user's preferences (what they like and dislike). Answer with the sentence only."
 )
 OFFLINE_LABEL = "[offline-keywords]"
+ANSWER_MODES = ["auto", "chat", "prefill", "json_schema", "completion"]
+PREFILL_SERVERS = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "library": "Ollama"}  # by /v1/models owned_by
+CLIENT_ERRORS = (400, 401, 403, 404, 422)  # the request itself is wrong, whichever user it is for
+SENTENCE_STOP = ". "  # prefill and completion answers continue "The user prefers": one sentence ends here
+ANSWER_SCHEMA = {"type": "json_schema", "json_schema": {"name": "preference", "strict": True, "schema": {
+    "type": "object", "properties": {"preference": {"type": "string"}}, "required": ["preference"], "additionalProperties": False}}}
+KEEP_CHARS = 300  # of a rejected answer or a server message, in failures.json, the cache and errors
+INTROS = (re.compile(r"^(sure|certainly|of course|okay|absolutely)[!.]\s+", re.I),
+          re.compile(r"^here('s| is| are)\b[^.!?:]{0,160}[.!?:]\s+", re.I),
+          re.compile(r"^[^.!?:]{0,160}\b(here|sentence|summary|answer|preferences?|tastes?|likes and dislikes|based on)\b[^.!?:]{0,160}:\s*(?=\S)", re.I))
+NUMBERED = re.compile(r"(^|\s)\d[.)]\s")
+BULLET = re.compile(r"^[-*•]\s")
 STOPWORDS = set("""a about after all also am an and any are as at be because been but by can could did do does for from
 get got had has have he her him his how i if in into is it its just like love me more most my no not of on one only or
 our out so some than that the their them then there these they this to too up us very was we well were what when which
@@ -76,20 +98,47 @@ class PreferenceArguments:
     token_budget: int | None = field(default=None, metadata={"help": "Most tokens (prompt + completion, counted and reserved) this run may spend; the stage stops before it would exceed them and resumes from the cache next time."})
     max_chars: int = field(default=500, metadata={"help": "Longer answers are rejected (and retried)."})
     batch_size: int = field(default=8, metadata={"help": "Users generated at once (local)."})
-    response_prefix: str = field(default="The user prefers", metadata={"help": "Start of the answer given to the local model, which continues it (small models answer in sentences then)."})
+    response_prefix: str = field(default="The user prefers", metadata={"help": "Start of the answer that the model continues (small models answer in sentences then): the local backend, and the openai backend's prefill and completion modes."})
+    answer_mode: str = field(default="auto", metadata={"help": "How the openai backend asks: 'chat' (plain chat), 'prefill' (the server continues an assistant message holding response_prefix: vLLM, SGLang, llama.cpp, Ollama), 'json_schema' (a JSON-schema response_format), 'completion' (/v1/completions with the prompt rendered by the chat template of --tokenizer), or 'auto' (chosen once per run from GET /v1/models; recorded in summary.json).", "choices": ANSWER_MODES})
+    tokenizer: str | None = field(default=None, metadata={"help": "For answer_mode completion: HF id or folder whose chat template renders the prompt (default: --model)."})
     fallback: str = field(default="none", metadata={"help": "For users still without a sentence: 'none' (fail and list them) or 'offline-keywords' (labelled, counted).", "choices": ["none", "offline-keywords"]})
     max_users: int | None = field(default=None, metadata={"help": "Only the first N users (for trials)."})
+    include_heldout_text: bool = field(default=False, metadata={"help": "Also read the reviews, ratings and titles of each user's validation and test interactions (only to reproduce an artifact built that way; recorded)."})
 
 
 ARGUMENTS = (StageArguments, PreferenceArguments)
 
 
 class AnswerError(Exception):
-    """An answer that arrived but is unusable (empty, cut off, too long, an echo of the prompt)."""
+    """An answer that arrived but is unusable (empty, cut off, too long, an echo of the prompt); keeps the answer."""
+
+    def __init__(self, message: str, answer: str | None = None):
+        super().__init__(message)
+        self.answer = answer
+
+
+class ShapeError(AnswerError):
+    """An answer that is not one bare sentence (an introduction, a list, several sentences): maybe salvageable."""
 
 
 class BudgetExhausted(Exception):
     """The next request would take the run past its token budget."""
+
+
+class StageStop(Exception):
+    """The first requests all got the same client error: every request would, so the stage stops."""
+
+    def __init__(self, error: Exception, count: int):
+        super().__init__(describe(error))
+        self.error, self.count = error, count
+
+
+class UserFailure(Exception):
+    """A user left without a sentence: why, the last rejected answer, and whether the cache remembers it."""
+
+    def __init__(self, reason: str, last_answer: str | None, remember: bool):
+        super().__init__(reason)
+        self.reason, self.last_answer, self.remember = reason, last_answer, remember
 
 
 def user_text(row: dict, source: str, titles: dict, budget_chars: int) -> tuple[str, dict]:
@@ -110,21 +159,57 @@ def user_text(row: dict, source: str, titles: dict, budget_chars: int) -> tuple[
 
 
 def validate_answer(text: str | None, prompt: str, max_chars: int) -> str:
+    """The answer as one clean sentence; raises AnswerError (ShapeError when only its shape is wrong)."""
     text = re.sub(r"\s+", " ", text or "").strip().strip('"').strip()
     if not text:
         raise AnswerError("empty answer")
     if len(re.findall(r"[A-Za-z]{2,}", text)) < 4:
-        raise AnswerError("answer too short to state a preference")
-    if re.search(r"\(\d(\.\d)? stars\)", text):
-        raise AnswerError("answer echoes the prompt")
-    if text.endswith(":") or re.search(r"(^|\s)\d[.)]\s", text):
-        raise AnswerError("a list or an introduction, not one sentence")
-    if len(text) > max_chars:
-        raise AnswerError(f"answer longer than {max_chars} characters")
+        raise AnswerError("answer too short to state a preference", text)
     lines = [ln.strip() for ln in prompt.splitlines() if len(ln.strip()) > 40]
-    if any(ln in text for ln in lines):
-        raise AnswerError("answer echoes the prompt")
+    if re.search(r"\(\d(\.\d)? stars\)", text) or any(ln in text for ln in lines):
+        raise AnswerError("answer echoes the prompt", text)
+    if len(text) > max_chars:
+        raise AnswerError(f"answer longer than {max_chars} characters", text)
+    if text.endswith(":") or NUMBERED.search(text) or BULLET.match(text) or any(p.match(text) for p in INTROS):
+        raise ShapeError("a list or an introduction, not one sentence", text)
+    if len(sentences(text)) > 1:
+        raise ShapeError("more than one sentence", text)
     return text
+
+
+def sentences(text: str) -> list[str]:
+    """Split after a word's full stop, question or exclamation mark followed by a capital ("D.R. Strings" stays whole)."""
+    return re.split(r"(?<=[a-z]{2}[.!?])\s+(?=[A-Z])", text)
+
+
+def salvage(text: str) -> str | None:
+    """The answer without its introduction and one-item list marker; None when it is a list of several items."""
+    text = re.sub(r"\s+", " ", text or "").strip().strip('"').strip()
+    for _ in range(3):  # "Sure! Here is the sentence: ..." has two
+        match = next((m for m in (p.match(text) for p in INTROS) if m), None)
+        if match is None:
+            break
+        text = text[match.end():]
+    item = re.match(r"^(\d[.)]|[-*•])\s+(.*)$", text)
+    if item:
+        text = item.group(2)
+        if NUMBERED.search(text) or re.search(r"\s[-*•]\s", text):
+            return None
+    return text.strip() or None
+
+
+def accept_answer(text: str | None, prompt: str, max_chars: int) -> tuple[str, bool]:
+    """The answer's one sentence, and whether it was salvaged from an introduction or a one-item list."""
+    try:
+        return validate_answer(text, prompt, max_chars), False
+    except ShapeError as error:
+        sentence = salvage(text)
+        if sentence and sentence != error.answer:
+            try:
+                return validate_answer(sentence, prompt, max_chars), True
+            except AnswerError:
+                pass
+        raise error from None
 
 
 class Cache:
@@ -150,9 +235,11 @@ class Cache:
             self.entries[entry["key"]] = entry
 
 
-def cache_key(user: str, args: PreferenceArguments, prompt: str) -> str:
+def cache_key(user: str, args: PreferenceArguments, prompt: str, mode: str = "chat") -> str:
     request = [user, args.backend, args.base_url or "", args.model, args.system_prompt, prompt, args.max_tokens, args.stop, args.temperature,
                args.retry_temperature, args.response_prefix if args.backend == "local" else ""]
+    if mode != "chat":  # chat requests keep the keys they had before answering modes existed
+        request += [mode, args.response_prefix, SENTENCE_STOP, args.tokenizer or args.model]
     return hashlib.sha256(json.dumps(request).encode()).hexdigest()
 
 
@@ -206,71 +293,222 @@ class Ledger:
             self.spent += used
 
 
-class OpenAIBackend:
-    def __init__(self, args: PreferenceArguments, stats: Counter, ledger: Ledger):
-        from openai import OpenAI
+class Tripwire:
+    """Until a first answer arrives, at most `window` requests go out at a time. When `needed` of them get the same client
+    error (400, 401, 403, 404, 422 with the same message), every request would: the stage stops (`stop` is set)."""
 
-        key = os.environ.get(args.api_key_env) or ("not-needed" if args.base_url else None)
-        if key is None:
-            raise UlmrecError(f"preferences: no API key in ${args.api_key_env}; set it or give --base_url of a local server")
-        self.args, self.stats, self.ledger, self.lock = args, stats, ledger, threading.Lock()
+    def __init__(self, window: int, needed: int):
+        self.window, self.needed, self.cond = window, needed, threading.Condition()
+        self.proven, self.started, self.in_flight, self.seen, self.stop = False, 0, 0, Counter(), None
+
+    @contextmanager
+    def watch(self):
+        import openai
+
+        with self.cond:
+            self.cond.wait_for(lambda: self.proven or self.stop is not None or self.started < self.window)
+            if self.stop is not None:
+                raise self.stop
+            counted = not self.proven
+            self.started += counted
+            self.in_flight += counted
+        try:
+            yield
+        except openai.APIStatusError as e:
+            self.settle(counted, False, e if e.status_code in CLIENT_ERRORS else None)
+            raise
+        except BaseException:
+            self.settle(counted, False)
+            raise
+        self.settle(counted, True)
+
+    def settle(self, counted: bool, answered: bool, client_error=None) -> None:
+        with self.cond:
+            self.in_flight -= counted
+            self.proven = self.proven or answered
+            if client_error is not None and not self.proven and self.stop is None:
+                same = (client_error.status_code, server_message(client_error))
+                self.seen[same] += 1
+                if self.seen[same] >= self.needed:
+                    self.stop = StageStop(client_error, self.seen[same])
+            if self.in_flight == 0 and self.started >= self.window:
+                self.started = 0  # this window's requests failed in different ways: the next window may go
+            self.cond.notify_all()
+
+
+def make_client(args: PreferenceArguments):
+    from openai import OpenAI
+
+    key = os.environ.get(args.api_key_env) or ("not-needed" if args.base_url else None)
+    if key is None:
+        raise UlmrecError(f"preferences: no API key in ${args.api_key_env}; set it or give --base_url of a local server")
+    return OpenAI(base_url=args.base_url, api_key=key, timeout=args.request_timeout, max_retries=0)
+
+
+def served_models(client) -> list[tuple[str, str | None]]:
+    """GET /v1/models as (id, owned_by) pairs; empty when the server does not list its models."""
+    try:
+        return [(m.id, getattr(m, "owned_by", None)) for m in client.models.list()]
+    except Exception as e:  # noqa: BLE001 - a server without /v1/models still answers
+        logger.warning("preferences: GET /v1/models failed (%s)", describe(e))
+        return []
+
+
+def has_chat_template(name: str) -> bool:
+    """Whether the tokenizer of `name` (a folder, or a Hub id already in the local cache) has a chat template."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def local(filename: str) -> Path | None:
+        if (Path(name) / filename).exists():
+            return Path(name) / filename
+        try:
+            found = try_to_load_from_cache(name, filename)
+        except ValueError:  # not a Hub id either
+            return None
+        return Path(found) if isinstance(found, str) else None
+
+    config = local("tokenizer_config.json")
+    return local("chat_template.jinja") is not None or (config is not None and "chat_template" in json.loads(config.read_text()))
+
+
+def detect_mode(args: PreferenceArguments) -> tuple[str, str]:
+    """The answering mode, and why: set in the recipe, or from which server GET /v1/models names and the tokenizers at hand."""
+    if args.answer_mode != "auto":
+        return args.answer_mode, "set by answer_mode"
+    models = served_models(make_client(args))
+    owner = next((o for i, o in models if i == args.model), models[0][1] if models else None)
+    if owner in PREFILL_SERVERS:
+        return "prefill", f"GET /v1/models: owned_by {owner!r}, {PREFILL_SERVERS[owner]}, which continues a prefilled answer"
+    name = args.tokenizer or args.model
+    if has_chat_template(name):
+        return "completion", f"GET /v1/models: owned_by {owner!r}; the chat template of {name} is at hand to render /v1/completions prompts"
+    return "chat", f"GET /v1/models: owned_by {owner!r}, not a server known to continue a prefilled answer, and no local chat template for {name}"
+
+
+def load_chat_template(args: PreferenceArguments):
+    """Renders the system and user messages as the model's chat template does, up to the start of the answer."""
+    from .llm import load_tokenizer
+
+    name = args.tokenizer or args.model
+    try:
+        tokenizer = load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        raise UlmrecError(f"preferences: answer_mode completion renders prompts with the chat template of {name!r}, which did not load "
+                          f"({str(e)[:200]}); set --tokenizer to the served model's HF id or folder") from None
+    if not tokenizer.chat_template:
+        raise UlmrecError(f"preferences: the tokenizer of {name!r} has no chat template to render /v1/completions prompts; set --tokenizer")
+    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def build_request(mode: str, args: PreferenceArguments, prompt: str, template=None) -> tuple[str, dict]:
+    """The endpoint ('chat' or 'completion') and the body of a first request in this answering mode."""
+    body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    messages = [{"role": "system", "content": args.system_prompt}, {"role": "user", "content": prompt}]
+    stop = list(args.stop) + ([SENTENCE_STOP] if mode in ("prefill", "completion") and SENTENCE_STOP not in args.stop else [])
+    if mode == "completion":
+        return "completion", {**body, "prompt": template(messages) + args.response_prefix, "stop": stop}
+    if mode == "prefill":
+        return "chat", {**body, "messages": [*messages, {"role": "assistant", "content": args.response_prefix}], "stop": stop,
+                        "extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
+    if mode == "json_schema":  # no stop sequences: a line break may sit inside the JSON
+        return "chat", {**body, "messages": messages, "response_format": ANSWER_SCHEMA}
+    return "chat", {**body, "messages": messages, **({"stop": stop} if stop else {})}
+
+
+def continued(prefix: str, text: str | None) -> str:
+    """The prefilled start and the server's continuation as one answer (a few servers echo the start)."""
+    text = text or ""
+    if text.lstrip().startswith(prefix):
+        joined = text.strip()
+    else:
+        joined = f"{prefix}{'' if not text or text[0].isspace() or text[0] in ',.;:!?' else ' '}{text}".strip()
+    return joined + "." if joined[-1:].isalnum() else joined  # not every server returns the sentence stop itself
+
+
+def json_preference(text: str | None) -> str:
+    try:
+        value = json.loads(text or "")
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, dict) or not isinstance(value.get("preference"), str):
+        raise AnswerError("not the JSON object the schema asks for", text)
+    return value["preference"]
+
+
+class OpenAIBackend:
+    def __init__(self, args: PreferenceArguments, stats: Counter, ledger: Ledger, mode: str = "chat", jobs: int = 1):
+        self.args, self.stats, self.ledger, self.lock, self.mode = args, stats, ledger, threading.Lock(), mode
         self.throttle = Throttle(args.concurrency)
-        self.client = OpenAI(base_url=args.base_url, api_key=key, timeout=args.request_timeout, max_retries=0)
+        self.tripwire = Tripwire(args.concurrency, max(1, min(2, args.concurrency, jobs)))
+        self.client = make_client(args)
+        self.template = load_chat_template(args) if mode == "completion" else None
 
     def count(self, name: str, value: int = 1) -> None:
         with self.lock:
             self.stats[name] += value
 
-    def request(self, prompt: str, attempt: int, retry_invalid: bool):
+    def request(self, prompt: str, attempt: int, retry_invalid: bool) -> tuple[str | None, str | None]:
+        """One request: (the answer's text, its finish_reason)."""
         a = self.args
-        kwargs = {"temperature": a.retry_temperature, "seed": a.seed + attempt} if retry_invalid else {"temperature": a.temperature}
+        endpoint, body = build_request(self.mode, a, prompt, self.template)
+        if retry_invalid:
+            body.update(temperature=a.retry_temperature, seed=a.seed + attempt)
         estimate = (len(prompt) + len(a.system_prompt)) // 3 + 32 + a.max_tokens  # generous: English runs ~4 characters a token
         self.ledger.reserve(estimate)
         used = 0
         try:
-            with self.throttle:
+            with self.tripwire.watch(), self.throttle:
                 self.count("requests")
-                response = self.client.chat.completions.create(
-                    model=a.model, max_tokens=a.max_tokens, **({"stop": a.stop} if a.stop else {}), **kwargs,
-                    messages=[{"role": "system", "content": a.system_prompt}, {"role": "user", "content": prompt}])
+                create = self.client.completions.create if endpoint == "completion" else self.client.chat.completions.create
+                response = create(**body)
             usage = response.usage.model_dump() if response.usage else {}
             used = int(usage.get("prompt_tokens") or 0) + int(usage.get("completion_tokens") or 0)
             for name in ("prompt_tokens", "completion_tokens"):
                 self.count(name, int(usage.get(name) or 0))
-            return response
+            choice = response.choices[0] if response.choices else None
+            if choice is None:
+                return None, None
+            return (choice.text if endpoint == "completion" else choice.message.content), choice.finish_reason
         finally:
             self.ledger.settle(estimate, used)
 
-    def ask(self, prompt: str) -> str:
-        """One user's answer with retries; raises the last error when they run out."""
+    def answer(self, text: str | None) -> str | None:
+        return continued(self.args.response_prefix, text) if self.mode in ("prefill", "completion") else text
+
+    def ask(self, prompt: str) -> tuple[str, str | None]:
+        """One user's sentence and, when it was salvaged, the answer it came from. Raises UserFailure when the retries run
+        out, StageStop when the first requests all got the same client error."""
         import openai
 
-        a, retry_invalid, invalid = self.args, False, 0
+        a, retry_invalid, invalid, last_answer = self.args, False, 0, None
         for attempt in range(a.max_retries + a.invalid_retries + 1):
             wait, reason = 0.0, None
             try:
-                response = self.request(prompt, attempt, retry_invalid)
-                choice = response.choices[0] if response.choices else None
-                if choice is not None and choice.finish_reason == "length":
-                    raise AnswerError(f"answer cut off at max_tokens={a.max_tokens}")
-                text = validate_answer(choice.message.content if choice else None, prompt, a.max_chars)
+                text, finish = self.request(prompt, attempt, retry_invalid)
+                answer = self.answer(text)
+                if finish == "length":
+                    raise AnswerError(f"answer cut off at max_tokens={a.max_tokens}", answer)
+                sentence, salvaged = accept_answer(json_preference(answer) if self.mode == "json_schema" else answer, prompt, a.max_chars)
                 self.throttle.answered()
-                return text
+                return sentence, (answer if salvaged else None)
             except openai.RateLimitError as e:
                 error, reason, wait = e, "rate_limit", retry_after(e.response) or 0.0
             except openai.APITimeoutError as e:
                 error, reason, wait = e, "timeout", a.request_timeout  # the server is still working on the abandoned request
                 self.throttle.timed_out()
             except openai.APIStatusError as e:
-                if e.status_code < 500 and e.status_code not in (408, 409):
-                    raise  # a 4xx other than rate limits will not get better by retrying
+                if e.status_code < 500 and e.status_code not in (408, 409):  # a 4xx other than rate limits will not pass on a retry
+                    if self.tripwire.stop is not None:
+                        raise self.tripwire.stop from None
+                    raise UserFailure(describe(e), last_answer, remember=False) from None
                 error, reason = e, f"http_{e.status_code}"
             except (openai.APIConnectionError, openai.APIResponseValidationError, ValueError) as e:
                 error, reason = e, "connection" if isinstance(e, openai.APIConnectionError) else "malformed_response"
             except AnswerError as e:
                 error, reason, retry_invalid, invalid = e, f"invalid: {e}", True, invalid + 1
-            if invalid > a.invalid_retries or attempt - invalid >= a.max_retries:
-                raise error
+                last_answer = e.answer or last_answer
+            if invalid > a.invalid_retries or attempt - invalid >= a.max_retries:  # the answers, not the server: remembered
+                raise UserFailure(describe(error), last_answer, remember=isinstance(error, AnswerError))
             self.count(f"retries[{reason}]")
             backoff = min(a.backoff_max, a.backoff_base * 2**attempt) * (0.5 + random.random())
             time.sleep(min(a.backoff_max, max(backoff, wait)))
@@ -284,36 +522,92 @@ def retry_after(response) -> float | None:
         return None
 
 
+def server_message(error: Exception) -> str:
+    """What the server said: FastAPI's `detail`, OpenAI's `error.message`, or the start of the body."""
+    body = getattr(error, "body", None)  # the openai client has already unwrapped a top-level "error" object
+    if isinstance(body, dict):
+        for key in ("detail", "message", "error", "msg"):
+            if body.get(key):
+                return flat(body[key])
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:KEEP_CHARS]
+    return str(error)
+
+
+def flat(value) -> str:
+    if isinstance(value, list):  # FastAPI's validation errors
+        return "; ".join(flat(v) for v in value)
+    if isinstance(value, dict):
+        where = ".".join(str(x) for x in value.get("loc", []))
+        text = value.get("msg") or value.get("message")
+        return f"{where}: {text}" if where and text else text or json.dumps(value)[:KEEP_CHARS]
+    return str(value)
+
+
 def describe(error: Exception) -> str:
-    name = type(error).__name__
+    """The error's kind, HTTP status and the server's own message."""
     status = getattr(error, "status_code", None)
-    return f"{name}{f' {status}' if status else ''}: {str(error)[:200]}"
+    message = server_message(error) if status else str(error)
+    name = "AnswerError" if isinstance(error, AnswerError) else type(error).__name__
+    return f"{name}{f' {status}' if status else ''}: {message[:KEEP_CHARS]}"
 
 
-def run_openai(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats: Counter, failures: dict) -> list[str]:
+def stop_message(stop: StageStop, backend: OpenAIBackend, why: str) -> str:
+    """The end of a stage stopped by a client error: the server's message, and what to change."""
+    args, status = backend.args, stop.error.status_code
+    parts = [f"preferences: the first requests all got the same error, so every request would; stopped after {backend.stats['requests']} "
+             f"requests. {describe(stop.error)}"]
+    if status in (401, 403):
+        parts.append(f"Check the API key in ${args.api_key_env} and --base_url")
+    ids = [i for i, _ in served_models(backend.client)] if status not in (401, 403) else []
+    if ids and args.model not in ids:
+        parts.append(f"--model {args.model!r} is not among the models the server offers (GET /v1/models): {', '.join(ids[:20])}")
+    if backend.mode != "chat" and why != "set by answer_mode":
+        parts.append(f"The answering mode was {backend.mode} ({why}); --answer_mode chat sends plain chat requests")
+    return ". ".join(part.rstrip(".") for part in parts)
+
+
+def clip(text: str | None) -> str | None:
+    return text[:KEEP_CHARS] if text else text
+
+
+def run_openai(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats: Counter, failures: dict, mode: str = "chat",
+               why: str = "set by answer_mode") -> list[str]:
     """Ask for every job; returns the users left unasked because the token budget ran out."""
     from tqdm.auto import tqdm
 
     ledger = Ledger(args.token_budget)
-    backend = OpenAIBackend(args, stats, ledger)
-    stopped = []
+    backend = OpenAIBackend(args, stats, ledger, mode, len(jobs))
+    stopped, stop = [], None
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool, tqdm(total=len(jobs), desc="preferences", unit="user") as bar:
         futures = {pool.submit(backend.ask, job["prompt"]): job for job in jobs}
         for future in as_completed(futures):
             job = futures[future]
             try:
-                cache.put({"key": job["key"], "user": job["user"], "preference": future.result()})
+                sentence, salvaged_from = future.result()
+                salvaged = {"salvaged": True, "salvaged_from": clip(salvaged_from)} if salvaged_from else {}
+                cache.put({"key": job["key"], "user": job["user"], "preference": sentence, "mode": mode, **salvaged})
                 stats["answered"] += 1
             except BudgetExhausted:
                 stopped.append(job["user"])
-            except Exception as e:  # noqa: BLE001 - any error after retries is recorded per user
-                failures[job["user"]] = describe(e)
-                if isinstance(e, AnswerError):  # the model's answers, not the server: remembered, so a rerun costs nothing
-                    cache.put({"key": job["key"], "user": job["user"], "failed": describe(e)})
+            except StageStop as e:
+                stop = stop or e
+                for other in futures:
+                    other.cancel()
+            except CancelledError:
+                pass
+            except UserFailure as e:
+                failures[job["user"]] = {"reason": e.reason, "last_answer": clip(e.last_answer)}
+                if e.remember:  # the model's answers, not the server: a rerun costs nothing
+                    cache.put({"key": job["key"], "user": job["user"], "failed": e.reason, "last_answer": clip(e.last_answer), "mode": mode})
+            except Exception as e:  # noqa: BLE001 - anything else is recorded per user
+                failures[job["user"]] = {"reason": describe(e), "last_answer": None}
             bar.update(1)
             bar.set_postfix(done=stats["answered"], failed=len(failures), tokens=stats["prompt_tokens"] + stats["completion_tokens"],
                             in_flight_limit=backend.throttle.limit)
     stats["lowest_concurrency"] = backend.throttle.lowest
+    if stop is not None:
+        raise UlmrecError(stop_message(stop, backend, why))
     return stopped
 
 
@@ -338,11 +632,13 @@ def run_local(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats: 
             stats["completion_tokens"] += int((ids != tokenizer.pad_token_id).sum())
             raw = f"{args.response_prefix}{tokenizer.decode(ids, skip_special_tokens=True)}"
             try:
-                cache.put({"key": job["key"], "user": job["user"], "preference": validate_answer(first_sentence(raw), job["prompt"], args.max_chars)})
+                sentence, salvaged = accept_answer(first_sentence(raw), job["prompt"], args.max_chars)
+                cache.put({"key": job["key"], "user": job["user"], "preference": sentence,
+                           **({"salvaged": True, "salvaged_from": clip(raw)} if salvaged else {})})
                 stats["answered"] += 1
             except AnswerError as e:
-                failures[job["user"]] = f"AnswerError: {e}"
-                cache.put({"key": job["key"], "user": job["user"], "failed": failures[job["user"]]})
+                failures[job["user"]] = {"reason": f"AnswerError: {e}", "last_answer": clip(raw)}
+                cache.put({"key": job["key"], "user": job["user"], "failed": f"AnswerError: {e}", "last_answer": clip(raw)})
         bar.set_postfix(done=stats["answered"], failed=len(failures), tokens=stats["prompt_tokens"] + stats["completion_tokens"])
     return []
 
@@ -400,7 +696,7 @@ def main(stage: StageArguments, args: PreferenceArguments) -> Path:
     if not run.begin("preferences", {**settings_of(args), "import_digest": file_digest(args.import_file)}, stage.overwrite, inputs=("prepare",)):
         return run.path("preferences")
     out, data = run.path("preferences"), run.prepared()
-    users = data["users"].to_list()[: args.max_users]
+    users = [user_view(u, args.include_heldout_text) for u in data["users"].to_list()[: args.max_users]]
     titles = run.titles()
     start, stats, failures, stopped = time.time(), Counter(), {}, []
     if args.backend in ("import", "offline-keywords"):
@@ -411,32 +707,50 @@ def main(stage: StageArguments, args: PreferenceArguments) -> Path:
     if args.fallback == "offline-keywords" and not stopped:
         for u in users:
             if u["user"] in failures:
-                results[u["user"]] = {"preference": keyword_preference(u, titles), "backend": "offline-keywords", "fallback_for": failures.pop(u["user"])}
+                results[u["user"]] = {"preference": keyword_preference(u, titles), "backend": "offline-keywords",
+                                     "fallback_for": failure_record(failures.pop(u["user"]))["reason"]}
                 stats["fallbacks"] += 1
     rows = [{"user_id": u["user_id"], "user": u["user"], "backend": args.backend, **results[u["user"]]} for u in users if u["user"] in results]
     with open(run.preferences_file, "w") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     summary = summarize(args, source, users, rows, failures, stopped, stats, time.time() - start)
     write_json(out / "summary.json", summary)
-    write_json(out / "failures.json", failures)
+    write_json(out / "failures.json", {u: failure_record(r) for u, r in failures.items()})
     logger.info("preferences: %s", json.dumps({k: v for k, v in summary.items() if k != "retries"}))
     if stopped:
         raise UlmrecError(f"preferences: stopped by the token budget ({args.token_budget}) with {len(stopped)} users not asked yet; "
                           f"{len(rows)} answers are cached and the next run resumes from them")
     if failures:
-        listed = "; ".join(f"{u}: {r}" for u, r in list(failures.items())[:10])
-        raise UlmrecError(f"{len(failures)} of {len(users)} users have no preference (all in {out / 'failures.json'}): {listed}")
+        listed = "; ".join(f"{u}: {failure_record(r)['reason']}" for u, r in list(failures.items())[:10])
+        raise UlmrecError(f"{len(failures)} of {len(users)} users have no preference (each with its reason and last rejected answer in "
+                          f"{out / 'failures.json'}): {listed}. To go on: {how_to_go_on(args)}")
     run.finish("preferences", {"summary": summary})
     return out
+
+
+def failure_record(failure) -> dict:
+    return failure if isinstance(failure, dict) else {"reason": failure}
+
+
+def how_to_go_on(args: PreferenceArguments) -> str:
+    fallback = ("or set `fallback: offline-keywords` in the recipe's preferences section (--fallback offline-keywords) to give them "
+                "labelled keyword sentences")
+    if args.backend == "import":
+        return f"add them to {args.import_file}, {fallback}"
+    return (f"rerun with --retry_failed true to ask them again (stored answers are not asked again; another --answer_mode, "
+            f"--model or prompt may do better), {fallback}")
 
 
 def summarize(args, source, users, rows, failures, stopped, stats: Counter, seconds: float) -> dict:
     retries = {k[len("retries["):-1]: v for k, v in stats.items() if k.startswith("retries[")}
     return {"backend": args.backend, "model": args.model if args.backend in ("openai", "local") else None, "source": source,
+            "user_text": IMPORTED if args.backend == "import" else text_scope(args.include_heldout_text),
             "users": len(users), "done": len(rows), "failed": len(failures), "not_asked_budget": len(stopped),
             "cached": stats["cached"], "cached_failures": stats["cached_failures"], "answered": stats["answered"], "requests": stats["requests"],
             "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
-            "retries": retries, "retries_total": sum(retries.values()), "fallbacks": stats["fallbacks"],
+            "retries": retries, "retries_total": sum(retries.values()), "fallbacks": stats["fallbacks"], "salvaged": stats["salvaged"],
+            "answer_mode": stats.get("answer_mode"), "answer_mode_source": stats.get("answer_mode_source"),
+            "answers_by_mode": {k[len("answers_by_mode["):-1]: v for k, v in stats.items() if k.startswith("answers_by_mode[")},
             "invalid_answer_retry": {"temperature": args.retry_temperature, "seed": f"{args.seed} + attempt"},
             "max_tokens": args.max_tokens, "token_budget": args.token_budget, "lowest_concurrency": stats.get("lowest_concurrency"),
             "wall_time_s": round(seconds, 2), "users_per_s": round(stats["answered"] / max(seconds, 1e-9), 3)}
@@ -465,27 +779,45 @@ def llm_backend(users, titles, args, run: RunDir, stats, failures, has_reviews) 
     if args.input == "reviews" and not has_reviews:
         raise UlmrecError("preferences: this data set has no review text; use --input titles, or the import backend")
     cache = Cache(run.cache("preferences", "responses.jsonl"))
-    jobs, cuts = [], {}
+    modes = (ANSWER_MODES[1:] if args.answer_mode == "auto" else [args.answer_mode]) if args.backend == "openai" else ["chat"]
+    prompts, cuts, keys, chosen, pending = {}, {}, {}, {}, []
     for u in users:
-        text, cut = user_text(u, args.input, titles, args.review_token_budget * 4)
-        prompt = args.prompt.format(reviews=text)
-        cut["key"] = cache_key(u["user"], args, prompt)
-        cuts[u["user"]] = cut
-        entry = cache.entries.get(cut["key"])
-        if entry and "failed" in entry and not args.retry_failed:
-            failures[u["user"]] = f"{entry['failed']} (in an earlier run; --retry_failed true asks again)"
-            stats["cached_failures"] += 1
-        elif entry and "preference" in entry:
+        text, cuts[u["user"]] = user_text(u, args.input, titles, args.review_token_budget * 4)
+        prompts[u["user"]] = args.prompt.format(reviews=text)
+        keys[u["user"]] = {m: cache_key(u["user"], args, prompts[u["user"]], m) for m in modes}
+        answered = [k for k in keys[u["user"]].values() if "preference" in cache.entries.get(k, {})]  # in any mode: a rerun asks nothing
+        if answered:
+            chosen[u["user"]] = answered[0]
             stats["cached"] += 1
         else:
-            jobs.append({"user": u["user"], "key": cut["key"], "prompt": prompt})
+            pending.append(u["user"])
+    mode, why = "chat", None
+    if args.backend == "openai":  # the mode is detected only when someone is to be asked
+        mode, why = detect_mode(args) if pending else (None, "every answer came from the cache")
+        stats["answer_mode"], stats["answer_mode_source"] = mode, why
+        logger.info("preferences: answer mode %s (%s)", mode, why)
+    jobs = []
+    for user in pending:
+        chosen[user] = keys[user][mode]
+        entry = cache.entries.get(chosen[user])
+        if entry and "failed" in entry and not args.retry_failed:
+            failures[user] = {"reason": f"{entry['failed']} (in an earlier run; --retry_failed true asks again)", "last_answer": entry.get("last_answer")}
+            stats["cached_failures"] += 1
+        else:
+            jobs.append({"user": user, "key": chosen[user], "prompt": prompts[user]})
     if stats["cached"] or stats["cached_failures"]:
         logger.info("preferences: resuming: %d users answered from the cache %s (%d failed earlier), %d to request", stats["cached"],
                     cache.path, stats["cached_failures"], len(jobs))
-    stopped = (run_openai if args.backend == "openai" else run_local)(jobs, args, cache, stats, failures)
+    if args.backend == "openai":
+        stopped = run_openai(jobs, args, cache, stats, failures, mode, why)
+    else:
+        stopped = run_local(jobs, args, cache, stats, failures)
     results = {}
     for user, cut in cuts.items():
-        entry = cache.entries.get(cut.pop("key"))
-        if entry and "preference" in entry:
-            results[user] = {"preference": entry["preference"], "cut": cut}
+        entry = cache.entries.get(chosen[user], {})
+        if "preference" in entry:
+            results[user] = {"preference": entry["preference"], "cut": cut, **({"salvaged": True} if entry.get("salvaged") else {})}
+            stats["salvaged"] += bool(entry.get("salvaged"))
+            if args.backend == "openai":
+                stats[f"answers_by_mode[{entry.get('mode', 'chat')}]"] += 1
     return results, stopped, args.base_url or args.model

@@ -65,16 +65,18 @@ def dataset_card(run: RunDir, configs: list[str]):
 
     card = DatasetCard.load(run.path("prepare") / "README.md")
     card.data.configs = [{"config_name": c, "data_files": f"{c}.parquet"} for c in configs]
-    extra = []
+    extra, user_text = [], run.user_text_provenance()
     if "user_index" in configs:
         stats = read_json(run.path("index") / "stats.json")
         extra.append(f"## User index\nScheme `{stats['scheme']}`, {stats.get('unique')} unique indices"
                      + (f"; text source `{stats['text_source']}`, collision rate {stats['collision_rate_before']} before repair, "
-                        f"{stats['collision_rate_after']} after." if stats["scheme"] == "pid" else "."))
+                        f"{stats['collision_rate_after']} after." if stats["scheme"] == "pid" else ".")
+                     + f" User text: {user_text['index']}.")
     if "preferences" in configs:
         summary = read_json(run.path("preferences") / "summary.json")
         extra.append(f"## Preferences\nOne sentence per user from backend `{summary['backend']}` ({summary.get('source')}); "
-                     f"{summary['done']} users, {summary.get('fallbacks', 0)} labelled offline-keyword fallbacks.")
+                     f"{summary['done']} users, {summary.get('fallbacks', 0)} labelled offline-keyword fallbacks. "
+                     f"User text: {user_text['preferences']}.")
     card.text += "\n" + "\n\n".join(extra) + f"\n\nLoad with `datasets.load_dataset(REPO, 'users')` (configs: {', '.join(configs)}).\n"
     return card
 

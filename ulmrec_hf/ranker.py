@@ -62,15 +62,17 @@ def cache_argument(decoder) -> str:
 
 
 def score_batch(model, input_ids, attention_mask, letter_ids: list[int], prefix=None):
+    """(rows, letters) float32 letter logits: the final hidden state and the head's letter rows are both taken to
+    float32 before the product, whatever the model's dtype (in bf16, 20 letter logits collapse onto a few values)."""
     import torch
 
     rows = letter_rows(model, letter_ids)
-    if rows is None:  # fall back to the full head at the last position only
+    if rows is None:  # a head without plain rows (e.g. 4-bit packed): the full head at the last position only
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
         return logits[:, letter_ids].float()
     hidden = last_hidden(model, input_ids, attention_mask, prefix)
-    return torch.nn.functional.linear(hidden.to(rows.dtype), rows).float()
+    return torch.nn.functional.linear(hidden.float(), rows.float())
 
 
 def shared_prefix(model, token_lists: list[list[int]], min_tokens: int = 8):
@@ -144,17 +146,12 @@ def naive_scores(model, tokenizer, prompts: list[str], letter_ids: list[int]) ->
     return out
 
 
-def ranks_from_scores(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
-    """1-based rank of the gold column in each row (ties counted pessimistically)."""
-    gold_scores = scores[np.arange(len(gold)), gold]
-    return 1 + (scores > gold_scores[:, None]).sum(1)
-
-
 def compute_metrics(eval_pred) -> dict:
-    from .metrics import metrics_from_ranks
+    """Validation metrics for checkpoint selection, under the one tie rule (`metrics.TIE_RULE`)."""
+    from .metrics import gold_ranks, metrics_from_ranks, tied_gold
 
-    scores, gold = eval_pred.predictions, eval_pred.label_ids
-    return metrics_from_ranks(ranks_from_scores(np.asarray(scores), np.asarray(gold).astype(int)).tolist(), ks=(1, 5, 10))
+    scores, gold = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids).astype(int)
+    return {**metrics_from_ranks(gold_ranks(scores, gold).tolist(), ks=(1, 5, 10)), "tied_gold_users": tied_gold(scores, gold)}
 
 
 def disable_cpu_repack(model) -> None:

@@ -62,6 +62,7 @@ class Recommender:
     def rank(self, users: list[str], split: str = "test") -> list[list[tuple[int, str, float]]]:
         """Per user, (item id, title, score) best first; the score is fused when a fusion weight is set."""
         from .evaluate import fuse
+        from .metrics import ranking_order
         from .ranker import score_prompts
         from .tasks import eval_row
 
@@ -75,8 +76,7 @@ class Recommender:
         if self.fusion_weight is not None:
             scores = fuse(np.array([r["retriever_scores"] for r in rows]), scores, self.fusion_weight)
         out = []
-        for r, s in zip(rows, scores):
-            order = np.argsort(-s, kind="stable")
+        for r, s, order in zip(rows, scores, ranking_order(scores)):  # ties: the shown order, as evaluate ranks them
             out.append([(r["candidates"][i], self.builder.titles[r["candidates"][i]], float(s[i])) for i in order])
         return out
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .common import StageArguments, read_json, settings_of, write_json
 from .layout import RunDir
+from .split import test_pair, training_part, validation_pair
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,9 @@ class RetrieveArguments:
     patience: int = field(default=20, metadata={"help": "Stop after N validations without a better Recall@20."})
     num_candidates: int = field(default=20, metadata={"help": "Candidates kept per user."})
     mask_history: bool = field(default=True, metadata={"help": "Never recommend items already in the history (LlamaRec's rule)."})
+    decay_bias_and_norm: bool = field(default=False, metadata={"help": "Apply weight decay to biases and LayerNorm weights too (LlamaRec's trainer exempts them)."})
+    adam_epsilon: float = field(default=1e-9, metadata={"help": "AdamW epsilon (LlamaRec's trainer: 1e-9)."})
+    max_grad_norm: float | None = field(default=5.0, metadata={"help": "Clip the gradient norm to this (LlamaRec's trainer: 5.0); unset for no clipping."})
     eval_batch_size: int = field(default=1024, metadata={"help": "Users scored at once."})
 
 
@@ -52,15 +56,14 @@ def user_splits(sequences: list[list[int]], max_len: int) -> dict[str, list[tupl
     """(history, target) pairs per split; histories are cut to the last `max_len` items."""
     splits = {"train": [], "validation": [], "test": []}
     for seq in sequences:
-        splits["validation"].append((seq[:-2][-max_len:], seq[-2]))
-        splits["test"].append((seq[:-1][-max_len:], seq[-1]))
-        splits["train"].append((seq[:-3][-max_len:], seq[-3]) if len(seq) >= 4 else ([], seq[-3]))
+        for split, (history, target) in (("train", test_pair(training_part(seq))), ("validation", validation_pair(seq)), ("test", test_pair(seq))):
+            splits[split].append((history[-max_len:], target))
     return splits
 
 
 def training_rows(sequences: list[list[int]], max_len: int) -> list[list[int]]:
-    """Each user's training prefix (all but the last two items), last max_len + 1 items."""
-    return [seq[:-2][-(max_len + 1):] for seq in sequences if len(seq) >= 4]
+    """Each user's training part (all but the last two items), last max_len + 1 items."""
+    return [training_part(seq)[-(max_len + 1):] for seq in sequences if len(training_part(seq)) >= 2]
 
 
 def left_pad(rows: list[list[int]], torch):
@@ -81,8 +84,11 @@ def model_module(model):
     return getattr(model, "module", model)
 
 
-def score_users(model, pairs, args: RetrieveArguments, torch, device, progress: str | None = None):
-    """Top-k candidates, their scores and the target's rank (1-based, over all items) for each pair."""
+def score_users(model, pairs, args: RetrieveArguments, torch, device, progress: str | None = None, top: bool = True):
+    """Top-k candidates, their scores and the target's rank (1-based, over all items) for each pair.
+
+    Ties: an equal score ranks the lower item id first, in the rank and in the top-k alike, so a user is a "rank" user
+    exactly when the target is among the stored candidates."""
     from tqdm.auto import tqdm
 
     net = model_module(model)
@@ -93,18 +99,37 @@ def score_users(model, pairs, args: RetrieveArguments, torch, device, progress: 
         for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             chunk = pairs[start:start + args.eval_batch_size]
             seqs = left_pad([h for h, _ in chunk], torch).to(device)
-            scores = net.scores(net(seqs)[:, -1])
+            scores = net.scores(net(seqs)[:, -1]).float()
             scores[:, 0] = -math.inf
             if args.mask_history:
                 scores.scatter_(1, seqs, -math.inf)
             targets = torch.tensor([t for _, t in chunk], device=device)
-            target_scores = scores.gather(1, targets[:, None])
-            ranks.extend((scores > target_scores).sum(1).add(1).tolist())
-            values, ids = scores.topk(args.num_candidates, dim=1)
-            top_ids.extend(ids.tolist())
-            top_scores.extend(values.tolist())
+            ranks.extend(rank_with_ties(scores, targets, torch).tolist())
+            if top:
+                ids, values = top_k_with_ties(scores, args.num_candidates, torch)
+                top_ids.extend(ids.tolist())
+                top_scores.extend(values.tolist())
     net.train()
     return top_ids, top_scores, ranks
+
+
+def rank_with_ties(scores, targets, torch):
+    """1 + items scored higher + items scored the same with a lower id."""
+    target_scores = scores.gather(1, targets[:, None])
+    lower_id = torch.arange(scores.shape[1], device=scores.device)[None, :] < targets[:, None]
+    return (scores > target_scores).sum(1) + ((scores == target_scores) & lower_id).sum(1) + 1
+
+
+def top_k_with_ties(scores, k: int, torch):
+    """(ids, scores) of the k best items best first, an equal score ranking the lower id first (torch.topk's order
+    among equal values is unspecified)."""
+    kth = scores.topk(k, dim=1).values[:, -1:]
+    above, equal = scores > kth, scores == kth
+    keep = above | (equal & (equal.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    ids = keep.nonzero()[:, 1].view(len(scores), k)  # ascending ids, exactly k per row
+    values = scores.gather(1, ids)
+    order = values.sort(dim=1, descending=True, stable=True).indices
+    return ids.gather(1, order), values.gather(1, order)
 
 
 def metrics_for(ranks: list[int], num_candidates: int) -> dict:
@@ -132,6 +157,16 @@ class Checkpoint:
             write_json(self.state_file, state)
 
 
+def parameter_groups(model, args: RetrieveArguments, torch) -> list[dict]:
+    """AdamW groups: LlamaRec's trainer decays every weight but biases and LayerNorm weights (unless decay_bias_and_norm)."""
+    if args.decay_bias_and_norm:
+        return [{"params": list(model.parameters()), "weight_decay": args.weight_decay}]
+    norms = {id(p) for m in model.modules() if isinstance(m, torch.nn.LayerNorm) for p in m.parameters()}
+    exempt = [p for name, p in model.named_parameters() if id(p) in norms or name.split(".")[-1] == "bias"]
+    decayed = [p for p in model.parameters() if all(p is not q for q in exempt)]
+    return [{"params": decayed, "weight_decay": args.weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
 def padded_rows(rows: list[list[int]], torch, device):
     """All training rows left-padded to one width, kept on the device, with their lengths (a batch is sliced from it)."""
     return left_pad(rows, torch).to(device), torch.tensor([len(r) for r in rows])
@@ -150,7 +185,7 @@ def train(args: RetrieveArguments, run: RunDir, sequences: list[list[int]], num_
     config = RetrieverConfig(num_items=num_items, kind=args.retriever, hidden=args.hidden, blocks=args.blocks, ffn=args.ffn,
                              dropout=args.dropout, attn_dropout=args.attn_dropout, heads=args.heads, max_len=args.max_len)
     model = SequentialRetriever(config)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args, torch), lr=args.lr, eps=args.adam_epsilon)
     model, optimizer = accelerator.prepare(model, optimizer)
     matrix, lengths = padded_rows(training_rows(sequences, args.max_len), torch, accelerator.device)
     val_pairs = user_splits(sequences, args.max_len)["validation"]
@@ -174,6 +209,8 @@ def train(args: RetrieveArguments, run: RunDir, sequences: list[list[int]], num_
             width = max(1, int(lengths[idx].max()))  # the batch's own longest row, as a per-batch left_pad would give
             loss = next_item_loss(model, matrix[idx.to(matrix.device), -width:], torch)
             accelerator.backward(loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             state["step"] += 1
@@ -202,7 +239,7 @@ def train(args: RetrieveArguments, run: RunDir, sequences: list[list[int]], num_
 
 
 def validate(model, pairs, args, state, accelerator, writer, run: RunDir, torch):
-    _, _, ranks = score_users(model, pairs, args, torch, accelerator.device)
+    _, _, ranks = score_users(model, pairs, args, torch, accelerator.device, top=False)
     metrics = metrics_for(ranks, args.num_candidates)
     state["history"].append({"step": state["step"], "epoch": state["epoch"], **{k: round(v, 5) for k, v in metrics.items()}})
     if writer:
@@ -233,6 +270,9 @@ def write_candidates(model, sequences, user_ids, args: RetrieveArguments, run: R
     for split, pairs in splits.items():
         ids, scores, ranks = score_users(model, pairs, args, torch, device, progress=f"candidates ({split})")
         in_top = [r if r <= args.num_candidates else None for r in ranks]
+        for (_, target), top, rank in zip(pairs, ids, in_top):  # the one tie rule makes these agree; never store a user that breaks it
+            if (rank is not None) != (target in top) or (rank is not None and top[rank - 1] != target):
+                raise RuntimeError(f"retrieve: target {target} has rank {rank} but the top-{args.num_candidates} is {top}")
         data[split] = datasets.Dataset.from_dict({
             "user_id": user_ids, "split": [split] * len(pairs), "history": [h for h, _ in pairs],
             "candidates": ids, "scores": scores, "target": [t for _, t in pairs], "target_rank": in_top,

@@ -7,8 +7,8 @@ by dropping the oldest history; candidates and the answer are never cut.
 The protocol decides three things, recorded in the mixture, every metrics file and the model card:
 - `train_targets`: `last` (each user's last training item) or `all_prefixes` (every position t >= 1 of the training
   sequence, with up to `history_len` items before it as history: LlamaRec's and the ULMRec authors' code).
-- `train_candidates`: `random` (the target plus 19 seeded random items outside the user's training sequence, shuffled:
-  the authors' code) or `retriever` (the retriever's top-20 for the training target; a missed target takes a seeded
+- `train_candidates`: `random` (the target plus 19 seeded random items other than the target and the items before it,
+  shuffled: the authors' code, LlamaRec's sampler) or `retriever` (the retriever's top-20 for the training target; a missed target takes a seeded
   random slot, never a fixed one).
 - `eval_order`: `retriever` (the retriever's order: the authors' evaluation, where letter A is the retriever's top-1)
   or `shuffled` (a seeded shuffle per user, which measures what the LLM itself understands).
@@ -28,6 +28,7 @@ from pathlib import Path
 from .common import StageArguments, UlmrecError, settings_of, write_json
 from .layout import RunDir
 from .prompts import INSTRUCTIONS, LETTERS, PromptBuilder, letter_ids, tokenizer_fingerprint
+from .split import training_part
 
 logger = logging.getLogger(__name__)
 
@@ -105,15 +106,16 @@ def build_builder(tokenizer, titles: dict, args: TaskArguments) -> PromptBuilder
 
 
 class Negatives:
-    """Seeded random negatives: items outside the user's training sequence (LlamaRec's training candidates)."""
+    """Seeded random negatives, as LlamaRec's training candidates: any item but the target and the items before it in
+    the user's sequence (so a later item of the user can be a negative; the draw never looks at it)."""
 
     def __init__(self, items: list[int], n_candidates: int, seed: int):
         self.items, self.n, self.seed = items, n_candidates, seed
 
     def candidates(self, target: int, exclude: set[int], key: str) -> list[int]:
         if len(self.items) - len(exclude | {target}) < self.n - 1:
-            raise UlmrecError(f"tasks: {len(self.items)} items leave fewer than {self.n - 1} negatives outside a user's "
-                              f"{len(exclude)} training items; use train_candidates: retriever")
+            raise UlmrecError(f"tasks: {len(self.items)} items leave fewer than {self.n - 1} negatives besides a target and the "
+                              f"{len(exclude)} items before it; use train_candidates: retriever")
         rng = random.Random(f"{self.seed}-{key}")
         chosen = []
         while len(chosen) < self.n - 1:
@@ -147,8 +149,8 @@ def next_item_row(builder: PromptBuilder, user_field: str | None, history: list[
 def training_targets(users: list[dict], mode: str) -> list[tuple[int, int]]:
     """(user row, position in the full sequence) of every next-item training target."""
     if mode == "last":
-        return [(u, len(row["items"]) - 3) for u, row in enumerate(users)]
-    return [(u, t) for u, row in enumerate(users) for t in range(1, len(row["items"]) - 2)]
+        return [(u, len(training_part(row["items"])) - 1) for u, row in enumerate(users)]
+    return [(u, t) for u, row in enumerate(users) for t in range(1, len(training_part(row["items"])))]
 
 
 def sample(rows: list, n: int | None, key: str) -> list:
@@ -158,7 +160,7 @@ def sample(rows: list, n: int | None, key: str) -> list:
 
 
 class TaskBuilder:
-    """Rows of every task from the training part of each sequence (items[:-2]); validation/test rows from the retriever."""
+    """Rows of every task from the training part of each sequence (`split.training_part`); validation/test rows from the retriever."""
 
     def __init__(self, args: TaskArguments, protocol: dict, users: list[dict], builder: PromptBuilder, index: dict, prefs: dict,
                  train_cands, n_candidates: int):
@@ -170,7 +172,7 @@ class TaskBuilder:
     def candidates(self, user: dict, t: int, key: str) -> list[int]:
         target = user["items"][t]
         if self.protocol["train_candidates"] == "random":
-            return self.negatives.candidates(target, set(user["items"][:-2]), f"{key}-{user['user_id']}-{t}")
+            return self.negatives.candidates(target, set(user["items"][:t]), f"{key}-{user['user_id']}-{t}")
         shuffle = self.protocol["eval_order"] == "shuffled"
         return with_target(self.train_cands[user["user_id"]], target, shuffle, f"{self.args.seed}-{key}-{user['user_id']}")
 
@@ -188,14 +190,14 @@ class TaskBuilder:
     def alignment(self, task: str, users: list[dict]) -> list[dict]:
         rows, b = [], self.builder
         for user in users:
-            idx, pref, last = self.index.get(user["user"]), self.prefs.get(user["user"]), len(user["items"]) - 3
+            idx, pref, last = self.index.get(user["user"]), self.prefs.get(user["user"]), len(training_part(user["items"])) - 1
             meta = {"task": task, "user_id": user["user_id"], "candidates": [], "target": -1, "target_position": -1}
             if task == "index_to_preference":
                 rows.append({"prompt": b.prompt(task, {"user": idx}), "completion": pref, **meta})
             elif task == "preference_to_index":
                 rows.append({"prompt": b.prompt(task, {"preference": pref}), "completion": idx, **meta})
             elif task == "history_to_index":
-                rows.append({"prompt": b.prompt(task, {}, b.history_lines(user["items"][:-2])), "completion": idx, **meta})
+                rows.append({"prompt": b.prompt(task, {}, b.history_lines(training_part(user["items"]))), "completion": idx, **meta})
             elif task == "rating":
                 parts = {"user": idx, "preference": pref, "target": f"Next item: {b.titles[user['items'][last]]}"}
                 prompt = b.prompt(task, parts, b.history_lines(user["items"][:last], user["ratings"][:last]))
@@ -247,10 +249,19 @@ def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str |
                          retriever_scores=[score[c] for c in cands], retriever_rank=r["target_rank"])
 
 
+def is_rank_user(r: dict) -> bool:
+    """A "rank" user: the ground truth is among the stored candidates (and the retriever's recorded rank says so too)."""
+    found = r["target"] in r["candidates"]
+    if found != (r["target_rank"] is not None):
+        raise UlmrecError(f"tasks: user {r['user_id']}: the retriever recorded rank {r['target_rank']} but the target is "
+                          f"{'' if found else 'not '}among its candidates (made before ulmrec-hf 0.3's tie rule); run `ulmrec retrieve --overwrite`")
+    return found
+
+
 def eval_rows(split_rows, tb: TaskBuilder, eval_seed: int, split: str, with_history: bool) -> list[dict]:
     """Validation/test rows of the users whose ground truth the retriever found (the "rank" users)."""
     return [eval_row(tb.builder, tb.protocol["eval_order"], r, tb.index.get(tb.users[tb.row_of[r["user_id"]]]["user"]), eval_seed, split, with_history)
-            for r in split_rows if r["target_rank"] is not None]
+            for r in split_rows if is_rank_user(r)]
 
 
 def write_eval_sets(run: RunDir, cands, tb: TaskBuilder, args: TaskArguments, out: Path) -> dict:
@@ -263,7 +274,7 @@ def write_eval_sets(run: RunDir, cands, tb: TaskBuilder, args: TaskArguments, ou
         cap = args.max_eval_users if split == "test" or args.max_validation_users is None else args.max_validation_users
         picked = sample(list(range(len(rows))), cap, f"{eval_seed}-{split}")  # a sample of *all* users keeps overall metrics per user
         chosen = rows.select(picked)
-        meta[split] = {"users": len(picked), "in_candidates": sum(r is not None for r in chosen["target_rank"]), "all_users": len(rows)}
+        meta[split] = {"users": len(picked), "in_candidates": sum(map(is_rank_user, chosen)), "all_users": len(rows)}
         kinds = [("", True), ("_uid_only", False)] if any(tb.index.values()) else [("", True)]  # uid-only needs a user field
         for suffix, with_history in kinds:
             datasets.Dataset.from_list(eval_rows(chosen, tb, eval_seed, split, with_history)).save_to_disk(str(out / f"next_item_{split}{suffix}"))

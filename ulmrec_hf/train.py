@@ -40,8 +40,10 @@ def cuda() -> bool:
 @dataclass
 class RankerArguments:
     _argument_group_name = "ranker"
+    _operational = ("allow_worse_than_untrained",)  # decides whether the stage may finish, not what it trains
     train_index_embeddings: bool = field(default=True, metadata={"help": "Train the embedding rows of the added index tokens."})
-    eval_before_training: bool = field(default=True, metadata={"help": "Score the untrained model on validation first (the zero-shot baseline)."})
+    eval_before_training: bool = field(default=True, metadata={"help": "Score the untrained model on validation first (the zero-shot baseline the kept adapter must beat)."})
+    allow_worse_than_untrained: bool = field(default=False, metadata={"help": "Finish even when the kept adapter ranks validation worse than the untrained model (recorded in the model card); otherwise the stage stops with an error, its adapter saved."})
     lora_last_layers: int | None = field(default=None, metadata={"help": "LoRA on only the last N decoder layers: the backward stops there unless index-token rows are trained (default: all)."})
 
 
@@ -295,11 +297,8 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
               "num_candidates": mixture["num_candidates"], "best_checkpoint": trainer.state.best_model_checkpoint,
               "best_validation_ndcg@10": trainer.state.best_metric}
     write_json(run.ranker / "ranker_config.json", config)
-    worse = bool(untrained) and best.get("eval_ndcg@10", 0.0) < untrained["untrained_ndcg@10"]
-    if worse:
-        logger.warning("train: the kept adapter is WORSE than the untrained model on validation (NDCG@10 %.4f < %.4f); "
-                       "the model card says so", best["eval_ndcg@10"], untrained["untrained_ndcg@10"])
-    metrics = {"untrained": untrained, "best": best, "worse_than_untrained": worse, "protocol": mixture["protocol"],
+    choice = checkpoint_choice(best, untrained, ranker)
+    metrics = {"untrained": untrained, "best": best, "choice": choice, "worse_than_untrained": choice["worse_than_untrained"], "protocol": mixture["protocol"],
                "resumed_from": str(resume) if resume else None, "resumed_at_step": int(resume.name.split("-")[-1]) if resume else None,
                "derived_defaults": derived, "index_token_rows": token_row_change(trainer.model),
                "adapter_bytes": (run.ranker / "adapter_model.safetensors").stat().st_size,
@@ -312,15 +311,37 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
     write_json(run.ranker / "validation_scores.json", {"prompts_sha256": prompts_digest(trainer.eval_dataset["prompt"]),
                                                        "scores": final.predictions.tolist()})
     tokenizer.save_pretrained(str(run.ranker))
-    model_card(config, mixture, metrics, training_args, model_args).save(run.ranker / "README.md")
+    model_card(config, mixture, metrics, training_args, model_args, run.user_text_provenance()).save(run.ranker / "README.md")
+    if choice["refused"]:
+        raise UlmrecError(f"train: {choice['decision']}. The adapter is saved in {run.ranker} but the stage is not finished; "
+                          "`ulmrec evaluate --zero_shot true` scores the untrained model, and `ulmrec train --allow_worse_than_untrained true` "
+                          "(same settings) finishes the stage with this adapter, recorded in its model card")
     run.finish("train")
     logger.info("train: best validation NDCG@10 %.4f (untrained %s) -> %s", best.get("eval_ndcg@10", float("nan")),
                 f"{untrained['untrained_ndcg@10']:.4f}" if untrained else "n/a", run.ranker)
     return run.ranker
 
 
+def checkpoint_choice(best: dict, untrained: dict | None, ranker: RankerArguments) -> dict:
+    """Whether the kept adapter beats the untrained model on validation NDCG@10 (the same tie rule), and what was decided."""
+    if untrained is None:
+        return {"worse_than_untrained": None, "refused": False, "decision": "not compared with the untrained model (eval_before_training false)"}
+    kept, base = best.get("eval_ndcg@10", float("nan")), untrained["untrained_ndcg@10"]
+    worse = not kept >= base
+    if not worse:
+        decision = f"kept adapter beats or ties the untrained model on validation NDCG@10 ({kept:.4f} >= {base:.4f})"
+    elif ranker.allow_worse_than_untrained:
+        decision = f"kept adapter is WORSE than the untrained model on validation NDCG@10 ({kept:.4f} < {base:.4f}), kept as allowed by allow_worse_than_untrained"
+    else:
+        decision = f"the kept adapter is WORSE than the untrained model on validation NDCG@10 ({kept:.4f} < {base:.4f})"
+    if worse:
+        logger.warning("train: %s", decision)
+    return {"worse_than_untrained": worse, "refused": worse and not ranker.allow_worse_than_untrained, "decision": decision}
+
+
 def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> dict | None:
-    """Validation scores of the untrained model, computed once (a resumed run reads them back)."""
+    """Validation scores of the untrained model, computed once: a resumed run reads them back, or computes them before
+    the checkpoint is loaded (the trainer's model is still the untrained one then)."""
     from .common import read_json
 
     path = run.ranker / "untrained_metrics.json"
@@ -329,7 +350,7 @@ def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> 
     if path.exists():
         return read_json(path)
     if resume:
-        return None
+        logger.info("train: resuming without the untrained model's validation scores; computing them first")
     metrics = trainer.evaluate(metric_key_prefix="untrained")
     if trainer.is_world_process_zero():
         write_json(path, metrics)
@@ -366,8 +387,15 @@ rows of the {{ index_tokens }} added index tokens. Load it on `{{ base_model }}`
 the base it was trained and validated on.
 {% if worse %}
 **Warning:** on validation this adapter ranks worse than the untrained base model
-(NDCG@10 {{ "%.4f"|format(best_ndcg) }} against {{ "%.4f"|format(untrained_ndcg) }}).
+(NDCG@10 {{ "%.4f"|format(best_ndcg) }} against {{ "%.4f"|format(untrained_ndcg) }}); it was kept because training ran
+with `allow_worse_than_untrained`.
 {% endif %}
+Checkpoint choice: {{ decision }}. Ranks and ties: {{ tie_rule }}.
+
+## User text
+No text derived from a user may contain their validation or test interactions. This adapter's prompts used:
+- preferences: {{ user_text.preferences }};
+- user index: {{ user_text.index }}.
 ## Protocol
 - Next-item training targets: `{{ protocol.train_targets }}`; training candidates: `{{ protocol.train_candidates }}`;
   evaluation order: `{{ protocol.eval_order }}` (protocol `{{ protocol.name }}`).
@@ -395,10 +423,11 @@ model, tokenizer, config = load_ranker("PATH")  # the base as trained, then this
 """
 
 
-def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args):
+def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args, user_text: dict):
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
+    from .metrics import TIE_RULE
 
     def row(prefix: str, m: dict) -> dict:
         return {k: m.get(f"{prefix}_{k}@10", float("nan")) for k in ("ndcg", "recall", "mrr")}
@@ -408,7 +437,8 @@ def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_
     return ModelCard.from_template(
         data, template_str=CARD, base_model=config["base_model"], version=__version__, num_candidates=config["num_candidates"],
         adapter_mb=round(metrics["adapter_bytes"] / 1e6, 2), index_tokens=config["index_tokens"], quantization=config["quantization"],
-        dtype=config["dtype"], worse=metrics["worse_than_untrained"], best_ndcg=metrics["best"].get("eval_ndcg@10", float("nan")),
+        dtype=config["dtype"], worse=metrics["worse_than_untrained"], decision=metrics["choice"]["decision"], tie_rule=TIE_RULE,
+        user_text=user_text, best_ndcg=metrics["best"].get("eval_ndcg@10", float("nan")),
         untrained_ndcg=(metrics["untrained"] or {}).get("untrained_ndcg@10", float("nan")), protocol=config["protocol"],
         tasks=mixture["tasks"], skipped="; ".join(f"{t}: {why}" for t, why in mixture["skipped"].items()) or "none",
         lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, lr=training_args.learning_rate,
