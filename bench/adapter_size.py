@@ -1,4 +1,4 @@
-"""What a ranker adapter holds, for the paper's setting (issue 16): Llama-2-7B's shape, LoRA r=8 on q,k,v,o, and the
+"""What a ranker adapter holds, for the paper's setting (issue 16): Llama-2-7B's shape, LoRA r=8 on q and v (the authors' released adapter), and the
 rows of 4 x 256 = 1,024 added index tokens, against what PEFT saved by default (full copies of the resized embedding
 and head).
 
@@ -52,7 +52,7 @@ def saved_bytes(shape: dict, index_tokens: int, targets: list[str], dtype=torch.
 
 def main() -> int:
     rows = {
-        "llama2-7b (paper: 1,024 index tokens, LoRA on q,k,v,o)": {"shape": LLAMA2_7B, "index_tokens": 1024, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "llama2-7b (paper: 1,024 index tokens, LoRA on q,v)": {"shape": LLAMA2_7B, "index_tokens": 1024, "targets": ["q_proj", "v_proj"]},
         "smollm2-135m (demo: 4 x 32 = 128 index tokens, LoRA on q,v)": {"shape": SMOLLM2_135M, "index_tokens": 128, "targets": ["q_proj", "v_proj"]},
     }
     results = {}

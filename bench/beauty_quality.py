@@ -12,6 +12,8 @@ with LRURec, z(retriever) + w z(letter log-prob), w chosen on validation users o
 rank NDCG@10 against LRURec and against LlamaRec-style.
 
 Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--validation_users 4000]
+Environment: ULMREC_BENCH_RUNS=DIR keeps the runs outside the checkout; ULMREC_BENCH_LOCK=FILE makes each stage hold that
+lock (flock), so that other jobs sharing a 2-core machine run between stages instead of beside them.
 Resumable (bench/runs/beauty-quality/): finished stages are skipped and training resumes. About 3 h (179 min measured) on 2 cores
 including LRURec (run it in the background: nohup python bench/beauty_quality.py > bench/runs/beauty-quality.log 2>&1 &).
 """
@@ -27,8 +29,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec"
 RECIPE = ROOT / "recipes" / "beauty" / "smollm2-135m" / "pipeline.yaml"
-RUNS = ROOT / "bench" / "runs" / "beauty-quality"
-RETRIEVER_RUN = ROOT / "bench" / "runs" / "beauty-lrurec"  # made by bench/retriever.py (the paper's LRURec settings)
+BENCH_RUNS = Path(os.environ.get("ULMREC_BENCH_RUNS", ROOT / "bench" / "runs"))  # a folder outside the checkout survives a fresh clone
+RUNS = BENCH_RUNS / "beauty-quality"
+RETRIEVER_RUN = BENCH_RUNS / "beauty-lrurec"  # made by bench/retriever.py (the paper's LRURec settings)
+STAGE_LOCK = os.environ.get("ULMREC_BENCH_LOCK")  # a lock file each stage holds, so that other jobs on a small machine run between stages
 EVAL_SEED = 42
 NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "false", "--use_history_to_index", "false",
             "--use_rating", "false", "--use_intent", "false"]
@@ -40,13 +44,20 @@ WALL = RUNS / "wall_s.json"  # seconds per stage, summed over the calls that ran
 
 
 def stage(name: str, run: Path, flags: list[str]) -> None:
+    import contextlib
+    import fcntl
+
     from ulmrec_hf.runner import run_stage
 
-    start = time.time()
-    print(f"== {run.relative_to(RUNS)}: ulmrec {name} {' '.join(flags)}", flush=True)
-    run_stage(name, ["--config", str(RECIPE), "--run_dir", str(run), *flags])
+    with open(STAGE_LOCK, "a") if STAGE_LOCK else contextlib.nullcontext() as lock:
+        if lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        start = time.time()  # the stage's own time, waiting for the lock excluded
+        print(f"== {run.relative_to(RUNS)}: ulmrec {name} {' '.join(flags)}", flush=True)
+        run_stage(name, ["--config", str(RECIPE), "--run_dir", str(run), *flags])
+        seconds = time.time() - start
     wall, key = read_wall(), f"{run.relative_to(RUNS)}/{name}"
-    wall[key] = round(wall.get(key, 0) + time.time() - start, 1)
+    wall[key] = round(wall.get(key, 0) + seconds, 1)
     WALL.write_text(json.dumps(wall, indent=2) + "\n")
 
 
@@ -61,12 +72,12 @@ def link(src: Path, dst: Path) -> None:
 
 
 def base_run() -> Path:
-    """Data and LRURec candidates from bench/runs/beauty-lrurec (trained there if absent), imported preferences, pid index."""
+    """Data and LRURec candidates from bench/retriever.py's run (which skips a finished run with today's settings and
+    refuses one made with others), keyword preferences and the title index of the recipe."""
     import subprocess
 
     base = RUNS / "base"
-    if not (RETRIEVER_RUN / "retriever" / "_COMPLETE").exists():
-        subprocess.run([sys.executable, str(ROOT / "bench" / "retriever.py"), "--only", "lrurec"], check=True)
+    subprocess.run([sys.executable, str(ROOT / "bench" / "retriever.py"), "--only", "lrurec"], check=True)
     for name in ("data", "retriever"):
         link(RETRIEVER_RUN / name, base / name)
     stage("preferences", base, [])
@@ -111,10 +122,30 @@ def same_rows(a: Path, b: Path) -> None:
 def per_user(run: Path) -> dict:
     import datasets
 
+    from ulmrec_hf.metrics import load_metric
+
     test = datasets.load_from_disk(str(run / "eval" / "per_user"))["test"]
-    ndcg = lambda r: 1 / math.log2(r + 1) if r <= 10 else 0.0  # noqa: E731
-    return {"ranker": dict(zip(test["user_id"], map(ndcg, test["rank"]))), "fused": dict(zip(test["user_id"], map(ndcg, test["fused_rank"]))),
-            "retriever": dict(zip(test["user_id"], map(ndcg, test["retriever_rank"])))}
+    ndcg = lambda ranks: load_metric("ranks").compute(predictions=ranks, ks=[10], per_user=True)["per_user"]["ndcg@10"]  # noqa: E731
+    return {"ranker": dict(zip(test["user_id"], ndcg(test["rank"]))), "fused": dict(zip(test["user_id"], ndcg(test["fused_rank"]))),
+            "retriever": dict(zip(test["user_id"], ndcg(test["retriever_rank"])))}
+
+
+def old_rule_ndcg(run: Path) -> dict:
+    """Rank NDCG@10 of the same test scores under v0.2.0's rule (only strictly higher scores rank above the ground
+    truth): what the ties would have been worth here."""
+    import datasets
+    import numpy as np
+
+    from ulmrec_hf.evaluate import fuse
+
+    scores = np.array(datasets.load_from_disk(str(run / "eval" / "per_user"))["test"]["scores"], dtype=np.float64)
+    test = datasets.load_from_disk(str(run / "tasks" / "next_item_test"))
+    gold, w = np.array(test["target_position"]), json.loads((run / "eval" / "metrics.json").read_text())["fusion"]["weight"]
+    out = {}
+    for name, s in (("ranker", scores), ("fused", fuse(np.array(test["retriever_scores"]), scores, w))):
+        ranks = 1 + (s > s[np.arange(len(gold)), gold][:, None]).sum(1)
+        out[name] = round(float(np.mean(np.where(ranks <= 10, 1 / np.log2(ranks + 1), 0.0))), 4)
+    return out
 
 
 def paired(values: dict, base: dict) -> dict:
@@ -131,12 +162,18 @@ def rows_of(protocol: str) -> dict:
     for model in ("zero_shot", "llamarec", "ulmrec_pid"):
         run = RUNS / protocol / model
         metrics = json.loads((run / "eval" / "metrics.json").read_text())
-        users = per_user(run)
+        users, old = per_user(run), old_rule_ndcg(run)
         if not out:
             out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None)
-        out[model] = (users["ranker"], metrics["test"]["ranker"], None)
-        out[f"{model} + LRURec fused"] = (users["fused"], metrics["test"]["fused"], metrics["fusion"]["weight"])
+        out[model] = (users["ranker"], {**metrics["test"]["ranker"], "old_rule_rank_ndcg@10": old["ranker"]}, None)
+        out[f"{model} + LRURec fused"] = (users["fused"], {**metrics["test"]["fused"], "old_rule_rank_ndcg@10": old["fused"]}, metrics["fusion"]["weight"])
     return out
+
+
+def previous_release() -> dict:
+    """v0.2.0's rows (ties counted in the gold's favour, bf16 letter products, text from all interactions)."""
+    path = ROOT / "bench" / "results" / "beauty_quality_v0.2.0.json"
+    return json.loads(path.read_text())["results"] if path.exists() else {}
 
 
 def report(args) -> dict:
@@ -144,14 +181,17 @@ def report(args) -> dict:
     mixtures = {m: json.loads((RUNS / "paper" / m / "tasks" / "mixture.json").read_text()) for m in MODELS}
     retriever = json.loads((RETRIEVER_RUN / "retriever" / "metrics.json").read_text())
     wall = {"retrieve (bench/retriever.py)": retriever["wall_time_s"], **read_wall()}
-    results = {}
+    results, old = {}, previous_release()
     for protocol in PROTOCOLS:
         rows = rows_of(protocol)
         lrurec, llamarec = rows["LRURec order"][0], rows["llamarec"][0]
-        results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w,
+        results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w, "tied_gold_users": m["tied_gold_users"],
+                                     "old_rule_rank_ndcg@10": m.get("old_rule_rank_ndcg@10"),
+                                     "v0.2.0_rank_ndcg@10": old.get(protocol, {}).get(label, {}).get("rank", {}).get("ndcg@10"),
                                      "vs_lrurec": paired(v, lrurec), "vs_llamarec": paired(v, llamarec)} for label, (v, m, w) in rows.items()}
+    evaluated = json.loads((RUNS / "paper" / "ulmrec_pid" / "eval" / "metrics.json").read_text())
     summary = {"data": "amazon-beauty-ulmrec (LlamaRec split)", "model": "SmolLM2-135M-Instruct, LoRA r=8 on q,v, bf16 weights",
-               "device": "CPU, 2 cores", "eval_seed": EVAL_SEED, "settings": vars(args), "test_users": meta["test"],
+               "device": "CPU, 2 cores", "eval_seed": EVAL_SEED, "tie_rule": evaluated["tie_rule"], "user_text": evaluated["user_text"], "settings": vars(args), "test_users": meta["test"],
                "validation_users": meta["validation"], "prompt": {"history_len": 5, "title_max_tokens": 16},
                "training": {m: {"next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"], "tasks": mix["tasks"]}
                             for m, mix in mixtures.items()},
@@ -173,16 +213,24 @@ def markdown(s: dict) -> str:
              f"LlamaRec-style {s['training']['llamarec']['all_rows']} rows, ULMRec {s['training']['ulmrec_pid']['next_item_rows']} "
              f"next-item + {s['training']['ulmrec_pid']['all_rows'] - s['training']['ulmrec_pid']['next_item_rows']} alignment rows",
              f"- prompts: {s['prompt']['history_len']} history items, titles cut to {s['prompt']['title_max_tokens']} tokens; "
-             f"total wall time {s['wall_s_total'] / 60:.0f} min on 2 cores", ""]
+             f"total wall time {s['wall_s_total'] / 60:.0f} min on 2 cores",
+             f"- ties: {s['tie_rule']}; 'tied' = test rank users whose ground truth's score equals another candidate's",
+             f"- user text: preferences {s['user_text']['preferences']}; index {s['user_text']['index']}",
+             "- 'old rule' = these same test scores ranked as v0.2.0 ranked them (a tied ground truth first): what ties are worth here",
+             "- 'v0.2.0' = the v0.2.0 table (bench/results/beauty_quality_v0.2.0.md), which differs in more than the tie rule: bf16 letter "
+             "products, LRURec trained with decay on every weight and no clipping, negatives drawn outside the whole training sequence, "
+             "and ULMRec's preferences and index built from the authors' GPT-3.5 sentences (which may have read the held-out reviews) "
+             "instead of the training titles' keywords", ""]
     for protocol, rows in s["results"].items():
         order = "the retriever's order (A = LRURec's top-1)" if protocol == "paper" else "a seeded shuffle"
         lines += [f"## Protocol `{protocol}`: candidates in {order}", "",
-                  "| row | rank N@10 | rank R@10 | rank MRR@10 | overall N@10 | Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style (95 % CI) |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| row | rank N@10 | old rule | v0.2.0 | tied | rank R@10 | rank MRR@10 | overall N@10 | Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style (95 % CI) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
             ci = lambda p: f"{p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"  # noqa: E731
-            lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
+            fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
+            lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {fmt(r.get('old_rule_rank_ndcg@10'))} | {fmt(r['v0.2.0_rank_ndcg@10'])} | {r['tied_gold_users']} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
                          f"{r['overall']['ndcg@10']:.4f} | {ci(r['vs_lrurec'])} | {ci(r['vs_llamarec'])} |")
         lines.append("")
     paper = s["paper_metrics"]

@@ -6,10 +6,12 @@ Starts `transformers serve` (pip install -e .[bench]) on 127.0.0.1 pinned to the
 2. asks it for the preferences of 24 real Musical Instruments users (concurrency 2, reviews cut to 384 tokens, the
    stage's defaults otherwise: answer_mode auto, max_tokens 64, 5 retries), and records the answering mode it chose,
    salvaged answers and the failures with their last rejected answers;
-3. runs the stage again with --overwrite: every answer comes from the named cache, 0 requests;
+3. runs the stage again with --overwrite: every answer comes from the named cache, 0 requests; then with --overwrite and
+   --answer_mode chat: answers stored in another mode are read back too, so only users without a stored answer are asked;
 4. in a fresh run directory, kills the stage with SIGKILL once some answers are stored, and resumes it: no user whose
    answer was stored is asked again;
-5. for comparison, the same 24 users with --answer_mode chat (the only way the stage asked before issue 22);
+5. for comparison, the same 24 users with --answer_mode chat (the only way the stage asked before issue 22; now with no
+   stop sequence, room for an introduction, and salvage);
 6. sets a canary API key for all of it, and greps run directories and logs for it.
 Requests are counted by the stage and, independently, in the server's access log. Stops the server it started.
 Writes bench/results/preferences_server.json.
@@ -87,7 +89,7 @@ def summary(run: Path) -> dict:
     rows = [json.loads(line) for line in (run / "preferences" / "preferences.jsonl").read_text().splitlines()]
     per_user = lambda k: round(s[k] / max(1, s["answered"]), 2)  # noqa: E731
     keys = ("users", "done", "failed", "cached", "answered", "salvaged", "answer_mode", "answer_mode_source", "answers_by_mode", "requests",
-            "prompt_tokens", "completion_tokens", "retries", "lowest_concurrency", "wall_time_s", "users_per_s")
+            "prompt_tokens", "completion_tokens", "retries", "identical_answers", "max_tokens", "lowest_concurrency", "wall_time_s", "users_per_s")
     return {k: s[k] for k in keys} | {
         "salvaged_rows": sum(bool(r.get("salvaged")) for r in rows),
         "requests_per_answered_user": per_user("requests"), "tokens_per_answered_user": round((s["prompt_tokens"] + s["completion_tokens"]) / max(1, s["answered"]), 1)}
@@ -175,6 +177,8 @@ def main() -> int:
         result["first_run"] = {"exit_code": code, "wall_s": wall, "requests_seen_by_server": posts, **summary(run), **examples(run)}
         code, wall, posts, _ = run_stage(stage_cmd(run, port, model, "--overwrite"), stage_log, server_log)
         result["rerun_overwrite"] = {"exit_code": code, "wall_s": wall, "requests_seen_by_server": posts, **summary(run)}
+        code, wall, posts, _ = run_stage(stage_cmd(run, port, model, "--overwrite", "--answer_mode", "chat"), stage_log, server_log)
+        result["rerun_other_mode"] = {"exit_code": code, "wall_s": wall, "requests_seen_by_server": posts, **summary(run)}
         result["killed_and_resumed"] = killed_and_resumed(port, model, stage_log, server_log)
         run = RUNS / "chat-mode"
         prepare(run)
@@ -190,6 +194,7 @@ def main() -> int:
     result["canary_hits"] = canary_hits([RUNS])
     result["total_wall_s"] = round(time.time() - started, 1)
     first, again, killed, wrong = result["first_run"], result["rerun_overwrite"], result["killed_and_resumed"], result["wrong_model_name"]
+    other = result["rerun_other_mode"]
     result["checks"] = {"wrong_model_stopped_within_concurrency": wrong["exit_code"] == 2 and 1 <= wrong["requests_seen_by_server"] <= 2,
                         "wrong_model_error_has_server_message_and_models": "Server is pinned to" in wrong["error"] and model in wrong["error"]
                         and "GET /v1/models" in wrong["error"],
@@ -197,12 +202,14 @@ def main() -> int:
                         "every_salvaged_answer_counted": first["salvaged"] == first["salvaged_rows"],
                         "first_run_under_5_minutes": first["wall_s"] < 300,
                         "rerun_sent_0_requests": again["requests"] == 0 and again["requests_seen_by_server"] == 0,
+                        "other_mode_rerun_read_every_stored_answer": other["cached"] == first["done"] and other["answers_by_mode"].get(
+                            first["answer_mode"], 0) == first["done"],
                         "resume_asked_no_stored_user_again": (killed["answers_read_on_resume"], killed["failures_read_on_resume"])
                         == (killed["answers_stored_before_kill"], killed["failures_stored_before_kill"]) and killed["stored_users_stored_again"] == 0,
                         "canary_0_hits": result["canary_hits"] == 0}
     (ROOT / "bench" / "results" / "preferences_server.json").write_text(json.dumps(result, indent=2) + "\n")
     print("| run | exit | users done / failed | requests | tokens/user | users/s | wall s |\n|---|---|---|---|---|---|---|")
-    for name in ("first_run", "rerun_overwrite", "chat_mode_for_comparison"):
+    for name in ("first_run", "rerun_overwrite", "rerun_other_mode", "chat_mode_for_comparison"):
         r = result[name]
         print(f"| {name} ({r['answer_mode']}, {r['salvaged']} salvaged) | {r['exit_code']} | {r['done']} / {r['failed']} | {r['requests']} | "
               f"{r['tokens_per_answered_user']} | {r['users_per_s']} | {r['wall_s']} |")

@@ -5,6 +5,7 @@ Resumable: each retriever trains in bench/runs/beauty-<name>/ and a cut-off run 
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -21,14 +22,16 @@ BUDGET = {"lrurec": ["--patience", "8", "--max_epochs", "40"], "sasrec": ["--pat
 
 
 def run(kind: str, extra: list[str]) -> dict:
-    run_dir = ROOT / "bench" / "runs" / f"beauty-{kind}"
+    run_dir = Path(os.environ.get("ULMREC_BENCH_RUNS", ROOT / "bench" / "runs")) / f"beauty-{kind}"
     ulmrec = [sys.executable, "-m", "ulmrec_hf.cli"]
     subprocess.run([*ulmrec, "prepare", "--run", str(run_dir), "--input", str(BEAUTY)], check=True)
     start = time.time()
     flags = [*SETTINGS, *BUDGET[kind], *extra]
     subprocess.run([*ulmrec, "retrieve", "--run", str(run_dir), "--retriever", kind, *flags], check=True)
     metrics = json.loads((run_dir / "retriever" / "metrics.json").read_text())
-    return {"retriever": kind, "wall_time_this_call_s": round(time.time() - start, 1), "settings": flags, **metrics}
+    recorded = json.loads((run_dir / "retriever" / "_COMPLETE").read_text())["settings"]
+    optimizer = {k: recorded.get(k) for k in ("lr", "weight_decay", "decay_bias_and_norm", "adam_epsilon", "max_grad_norm")}
+    return {"retriever": kind, "wall_time_this_call_s": round(time.time() - start, 1), "settings": flags, "optimizer": optimizer, **metrics}
 
 
 def main() -> int:
@@ -42,6 +45,9 @@ def main() -> int:
     results = [run(kind, args) for kind in kinds]
     out = ROOT / "bench" / "results" / "retriever_beauty.json"
     previous = {r["retriever"]: r for r in json.loads(out.read_text())["results"]} if out.exists() else {}
+    for name in [k for k, r in previous.items() if "optimizer" not in r]:  # v0.2.0's rows (decay on every weight, eps 1e-8, no clipping)
+        previous[f"{name} (v0.2.0 optimizer)"] = {**previous.pop(name), "retriever": f"{name} (v0.2.0 optimizer)",
+                                                   "optimizer": {"weight_decay": 0.01, "decay_bias_and_norm": True, "adam_epsilon": 1e-8, "max_grad_norm": None}}
     previous.update({r["retriever"]: r for r in results})
     rows = list(previous.values())
     lru = previous.get("lrurec")

@@ -7,6 +7,8 @@ than the client timeout, 4 -> malformed JSON, 5 -> empty answer, 6 -> an answer 
 `invalid_users` always answer with an introduction and no content; `answers` maps a user number to the text it always
 answers. Like the servers it stands for, it continues a final assistant message when asked with `continue_final_message`
 (vLLM), answers a JSON object when given a JSON-schema `response_format`, and continues the prompt on /v1/completions.
+Stop sequences are honoured (the answer ends before the first one), unless `overrun` answers past them, as
+`transformers serve` does; `too_long_users` get llama.cpp's per-request 400 for a prompt longer than the context;
 `error` = (status, body) answers every POST with that error; `pinned` refuses other model names with the 400 that
 `transformers serve` sends. GET /v1/models lists `models` (or the pinned one) as owned by `owned_by`.
 Every request's payload, path and start time are recorded per user.
@@ -24,15 +26,15 @@ class FakeOpenAI:
     def __init__(self, slow_seconds: float = 1.5, delay: float = 0.0, retry_after: int = 1, slow_users: set[int] = frozenset(),
                  faults: bool = True, invalid_users: set[int] = frozenset(), answers: dict[int, str] | None = None,
                  error: tuple[int, dict] | None = None, pinned: str | None = None, models: tuple[str, ...] = ("fake-gpt",),
-                 owned_by: str = "fake-org"):
+                 owned_by: str = "fake-org", overrun: bool = False, too_long_users: set[int] = frozenset()):
         self.requests = defaultdict(list)  # user tag -> request times
         self.payloads = defaultdict(list)  # user tag -> request bodies
         self.paths = defaultdict(list)  # user tag -> request paths
         self.posts, self.gets = 0, 0  # every POST (tagged or not) and GET /v1/models
-        self.answers, self.error, self.pinned, self.owned_by = answers or {}, error, pinned, owned_by
+        self.answers, self.error, self.pinned, self.owned_by, self.overrun = answers or {}, error, pinned, owned_by, overrun
         self.models = (pinned,) if pinned else models
         self.intervals = []  # (user tag, attempt, start, end) of every request
-        self.slow_users, self.faults, self.invalid_users = set(slow_users), faults, set(invalid_users)
+        self.slow_users, self.faults, self.invalid_users, self.too_long_users = set(slow_users), faults, set(invalid_users), set(too_long_users)
         self.lock = threading.Lock()
         self.slow_seconds, self.delay, self.retry_after = slow_seconds, delay, retry_after
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self.handler())
@@ -108,6 +110,9 @@ class FakeOpenAI:
                     attempt = len(fake.requests[tag])
                 self.tag_attempt = (tag, attempt)
                 time.sleep(fake.delay)
+                if n in fake.too_long_users:  # llama-server's answer to a prompt longer than its context, for this user only
+                    return self.send(400, json.dumps({"error": {"code": 400, "type": "exceed_context_size_error",
+                                                                "message": "the request exceeds the available context size, try increasing it"}}).encode())
                 first, slow = attempt == 1, n in fake.slow_users
                 if not fake.faults:
                     n = 10  # a user with no scripted fault
@@ -129,6 +134,11 @@ class FakeOpenAI:
                 content = fake.answers.get(int(tag[1:]), content)
                 cut = first and n % 10 == 6
                 content, finish = (f"User {tag} prefers gentle {tag}", "length") if cut else (content, "stop")  # valid text, but cut off
+                if fake.overrun and payload.get("stop") and not cut:
+                    content += " They also like bath salts.\nAnd more." if continues else "\nThey also like bath salts."
+                elif payload.get("stop"):
+                    ends = [content.find(s) for s in payload["stop"] if s in content]
+                    content = content[:min(ends)] if ends else content
                 if payload.get("response_format", {}).get("type") == "json_schema" and not cut:
                     content = json.dumps({"preference": content})
                 usage = {"prompt_tokens": len(prompt) // 4, "completion_tokens": 9, "total_tokens": len(prompt) // 4 + 9}

@@ -56,13 +56,16 @@ def test_beauty_quality_paired_interval_and_table():
     assert p["ci95"] == [round(0.075 - 1.96 * 0.095743 / 2, 4), round(0.075 + 1.96 * 0.095743 / 2, 4)]
     assert bq.paired(base, base) == {"mean": 0.4375, "diff": 0.0, "ci95": [0.0, 0.0]}
     metric = {"ndcg@10": 0.4, "recall@10": 0.7, "mrr@10": 0.3}
-    row = lambda w: {"rank": metric, "overall": metric, "fusion_weight": w, "vs_lrurec": p, "vs_llamarec": p}  # noqa: E731
+    row = lambda w, old: {"rank": metric, "overall": metric, "fusion_weight": w, "vs_lrurec": p, "vs_llamarec": p,  # noqa: E731
+                          "tied_gold_users": 3, "v0.2.0_rank_ndcg@10": old, "old_rule_rank_ndcg@10": old and 0.41}
     summary = {"test_users": {"users": 100, "all_users": 200, "in_candidates": 13}, "validation_users": {"users": 50, "in_candidates": 7},
                "eval_seed": 42, "training": {"llamarec": {"all_rows": 400, "next_item_rows": 400}, "ulmrec_pid": {"all_rows": 520, "next_item_rows": 400}},
-               "prompt": {"history_len": 5, "title_max_tokens": 16}, "wall_s_total": 600,
+               "prompt": {"history_len": 5, "title_max_tokens": 16}, "wall_s_total": 600, "tie_rule": "stable by shown order",
+               "user_text": {"preferences": "training interactions only", "index": "training interactions only"},
                "paper_metrics": {"rank_subset": {"test_NDCG@10": 0.4445}, "overall": {"test_NDCG@10": 0.0585}},
-               "results": {"paper": {"LRURec order": row(None), "ulmrec_pid + LRURec fused": row(0.35)}}}
+               "results": {"paper": {"LRURec order": row(None, None), "ulmrec_pid + LRURec fused": row(0.35, 0.4161)}}}
     table = bq.markdown(summary)
     assert "400 next-item + 120 alignment rows" in table and "total wall time 10 min" in table
-    assert "| ulmrec_pid + LRURec fused (w=0.35) | 0.4000 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table
+    assert "| ulmrec_pid + LRURec fused (w=0.35) | 0.4000 | 0.4100 | 0.4161 | 3 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table
+    assert "| LRURec order | 0.4000 | — | — | 3 |" in table and "ties: stable by shown order" in table
     assert "rank N@10 0.4445, overall N@10 0.0585" in table

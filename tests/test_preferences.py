@@ -12,8 +12,8 @@ import pytest
 
 from fake_openai import FakeOpenAI, peak_overlap
 from ulmrec_hf.common import StageArguments, UlmrecError, read_json
-from ulmrec_hf.preferences import (ANSWER_SCHEMA, OFFLINE_LABEL, AnswerError, PreferenceArguments, Throttle, accept_answer, load_import,
-                                   user_text, validate_answer)
+from ulmrec_hf.preferences import (ANSWER_SCHEMA, OFFLINE_LABEL, AnswerError, PreferenceArguments, Throttle, accept_answer, continued,
+                                   load_chat_template, load_import, user_text, validate_answer)
 from ulmrec_hf.preferences import main as preferences
 from ulmrec_hf.prepare import PrepareArguments
 from ulmrec_hf.prepare import main as prepare
@@ -71,7 +71,7 @@ def test_faults_end_in_one_preference_or_a_listed_failure(fresh_run):
         tag = f"u{u:04d}"
         expected = 4 if u % 25 == 7 else 2 if (u % 10 in (2, 3, 4, 5, 6) or u % 50 == 1) else 1
         assert len(requests[tag]) == expected, (tag, len(requests[tag]))
-        assert all(p["max_tokens"] == 64 and p["stop"] == ["\n"] for p in payloads[tag])  # every request is sized to one sentence
+        assert all(p["max_tokens"] == 96 and "stop" not in p for p in payloads[tag])  # chat: an introduction and one sentence
         if u % 50 == 1 and u % 25 != 7:
             assert requests[tag][1] - requests[tag][0] >= 1.0  # Retry-After honoured
         if u % 10 == 3 and u % 25 != 7:  # a timeout (0.5 s) then at least request_timeout more (arrival times trail sends by ms)
@@ -81,7 +81,7 @@ def test_faults_end_in_one_preference_or_a_listed_failure(fresh_run):
     answers = sum(1 + (u % 10 in (5, 6)) for u in range(N_USERS) if u % 25 != 7)  # every 200 reply, the rejected ones included
     assert summary["completion_tokens"] == 9 * answers
     assert summary["requests"] == sum(len(v) for v in requests.values())
-    assert summary["retries"]["invalid: answer cut off at max_tokens=64"] == sum(1 for u in range(N_USERS) if u % 10 == 6 and u % 25 != 7)
+    assert summary["retries"]["invalid: answer cut off at max_tokens=96"] == sum(1 for u in range(N_USERS) if u % 10 == 6 and u % 25 != 7)
     assert summary["retries"]["timeout"] >= 1 and summary["retries"]["rate_limit"] >= 1
     assert summary["invalid_answer_retry"] == {"temperature": 0.7, "seed": "42 + attempt"}
     assert not (run / "preferences" / "_COMPLETE").exists()
@@ -151,14 +151,15 @@ def test_users_whose_answers_stay_invalid_are_remembered(fresh_run):
         asked_again = sum(1 for times in server.requests.values() for t in times if t > mark)
         failures = read_json(run / "preferences" / "failures.json")
         retried = subprocess.run(cli_args(run, server.base_url, *args, "--retry_failed", "true"), capture_output=True, text=True, timeout=300)
-        asked_retry = {tag for tag, times in server.requests.items() if len(times) > 3}
+        asked_retry = {tag for tag, times in server.requests.items() if len(times) > 2}
     assert first.returncode == again.returncode == retried.returncode == 2
     assert set(failures) == {"R0010", "R0012"} and all("a list or an introduction" in r["reason"] and "--retry_failed" in r["reason"]
                                                        for r in failures.values())
     assert all(r["last_answer"] == "The user's preferences are:" for r in failures.values())  # what the model said, kept
     assert "--retry_failed true" in first.stderr and "fallback: offline-keywords" in first.stderr  # how to go on
     assert asked_again == 0  # the rerun costs nothing: answers and remembered failures come from the cache
-    assert read_json(run / "preferences" / "summary.json")["requests"] == 6 and asked_retry == {"u0010", "u0012"}
+    # asked again, each twice: the fake, like `transformers serve`, gives the retry the same answer, so no third request
+    assert read_json(run / "preferences" / "summary.json")["requests"] == 4 and asked_retry == {"u0010", "u0012"}
 
 
 def test_budget_stop_leaves_a_resumable_cache(fresh_run):
@@ -236,7 +237,8 @@ def test_answer_validation():
 
 
 def test_salvage_takes_one_sentence_out_of_an_introduction_or_a_one_item_list():
-    prompt = "Here are a user's product reviews, newest first, each with its star rating:\n- (5 stars) I adore this lavender soap a lot"
+    review = "I adore this lavender soap, it lathers well and the scent lasts all day"
+    prompt = f"Here are a user's product reviews, newest first, each with its star rating:\n- (5 stars) I adore this lavender soap a lot\n- (4 stars) {review}\n- {review.upper()}"
     sentence = "The user likes lavender soap and mild shampoo."
     for answer in (f"Here is the user's preference in one sentence: {sentence}", f"Sure! {sentence}", f"1. {sentence}",
                    f"The user's preferences are: - {sentence}", f"Sure! Here is a summary of their tastes. {sentence}"):
@@ -248,31 +250,35 @@ def test_salvage_takes_one_sentence_out_of_an_introduction_or_a_one_item_list():
                 "Here is the answer: - (5 stars) I adore this lavender soap a lot", "The user's preferences are:"):
         with pytest.raises(AnswerError):
             accept_answer(bad, prompt, 200)
+    # a review echoed without its "- (N stars) " or "- " marker, or a part of one, is an echo, not a salvaged sentence
+    for echo in (f"Here is the answer: {review}.", f"Sure! {review.upper()}", review, review[:50]):
+        with pytest.raises(AnswerError, match="echoes the prompt"):
+            accept_answer(echo, prompt, 200)
 
 
 @pytest.mark.parametrize("mode", ["chat", "prefill", "json_schema", "completion"])
 def test_each_answering_mode_sends_its_own_request(fresh_run, tiny_llm, mode):
     run = fresh_run
-    with FakeOpenAI(faults=False) as server:
+    with FakeOpenAI(faults=False, overrun=True) as server:  # answers run past the stop sequences: the client cuts them there
         proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "3", "--answer_mode", mode, "--tokenizer", tiny_llm),
                               capture_output=True, text=True, timeout=300)
         payloads, paths, gets = dict(server.payloads), dict(server.paths), server.gets
     assert proc.returncode == 0, proc.stderr[-3000:]
     first = payloads["u0000"][0]
-    assert first["model"] == "fake-gpt" and first["max_tokens"] == 64 and first["temperature"] == 0.0 and gets == 0
+    assert first["model"] == "fake-gpt" and first["max_tokens"] == (96 if mode == "chat" else 64) and first["temperature"] == 0.0 and gets == 0
     endpoint = "/v1/completions" if mode == "completion" else "/v1/chat/completions"
     assert all(p == [endpoint] for p in paths.values()) and len(paths) == 3
     messages = first.get("messages", [])
     if mode == "chat":
-        assert [m["role"] for m in messages] == ["system", "user"] and first["stop"] == ["\n"]
+        assert [m["role"] for m in messages] == ["system", "user"] and "stop" not in first
         assert not {"response_format", "continue_final_message", "add_generation_prompt"} & set(first)
     if mode == "prefill":  # vLLM's and SGLang's names; llama.cpp and Ollama continue a final assistant message anyway
         assert [m["role"] for m in messages] == ["system", "user", "assistant"] and messages[-1]["content"] == "The user prefers"
-        assert first["continue_final_message"] is True and first["add_generation_prompt"] is False and first["stop"] == ["\n", ". "]
+        assert first["continue_final_message"] is True and first["add_generation_prompt"] is False and first["stop"] == ["\n"]
     if mode == "json_schema":
         assert first["response_format"] == ANSWER_SCHEMA and "stop" not in first
     if mode == "completion":  # the prompt as the model's chat template renders it, ending in the prefilled answer
-        assert "messages" not in first and first["stop"] == ["\n", ". "]
+        assert "messages" not in first and first["stop"] == ["\n"]
         assert "You summarise shoppers' tastes" in first["prompt"] and "u0000" in first["prompt"]
         assert first["prompt"].endswith("<|im_start|>assistant\nThe user prefers")
     continues = mode in ("prefill", "completion")
@@ -314,8 +320,9 @@ def test_the_same_client_error_on_the_first_requests_stops_the_stage(fresh_run, 
                               timeout=300)
         posts = server.posts
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-3000:]
-    assert 2 <= posts <= 4  # stopped after the first window of `concurrency` requests, not one request per user
-    assert "every request would" in proc.stderr and not cache_file(run).exists()
+    assert posts == 4  # the first window of `concurrency` requests came back, then nothing more went out
+    assert "stopped after 4 requests: all 4 requests of the first window got the same error and none was answered" in proc.stderr
+    assert not cache_file(run).exists()
     if status == 401:
         assert "Check the API key in $OPENAI_API_KEY" in proc.stderr
 
@@ -325,7 +332,7 @@ def test_a_wrong_model_name_lists_the_served_models(fresh_run):
         proc = subprocess.run(cli_args(fresh_run, server.base_url, "--max_users", "30", "--concurrency", "4", "--answer_mode", "chat"),
                               capture_output=True, text=True, timeout=300)
         posts = server.posts
-    assert proc.returncode == 2 and posts <= 4
+    assert proc.returncode == 2 and posts == 4
     assert "Server is pinned to '/models/SmolLM2-135M-Instruct'; requested 'fake-gpt'." in proc.stderr
     assert "not among the models the server offers (GET /v1/models): /models/SmolLM2-135M-Instruct" in proc.stderr
 
@@ -378,3 +385,134 @@ def test_import_beauty_preferences(tmp_path, shared_data):
     assert len(prefs) == 22332
     labelled = [p for p in prefs.values() if p.startswith(OFFLINE_LABEL)]
     assert len(labelled) == 43 and read_json(tmp_path / "preferences" / "summary.json")["fallbacks"] == 43
+
+
+@pytest.mark.parametrize("concurrency,too_long", [(4, {0, 1}), (1, {0})])
+def test_a_client_error_of_single_users_fails_only_them(fresh_run, concurrency, too_long):
+    run = fresh_run  # llama.cpp's 400 for a prompt longer than the context: the request is fine, these users' prompts are not
+    with FakeOpenAI(faults=False, too_long_users=too_long) as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "8", "--concurrency", str(concurrency), "--answer_mode", "chat"),
+                              capture_output=True, text=True, timeout=300)
+        asked = {tag: len(times) for tag, times in server.requests.items()}
+    assert proc.returncode == 2 and f"{len(too_long)} of 8 users have no preference" in proc.stderr, proc.stderr[-3000:]
+    failures = read_json(run / "preferences" / "failures.json")
+    assert set(failures) == {f"R{u:04d}" for u in too_long}
+    assert all(r["reason"] == "BadRequestError 400: the request exceeds the available context size, try increasing it" for r in failures.values())
+    assert set(stored(run)) == {f"R{u:04d}" for u in range(8)} - set(failures)
+    assert asked == {f"u{u:04d}": 1 for u in range(8)}  # a client error is not retried
+    # the advice: --retry_failed needs nothing else; a changed setting needs --overwrite, which keeps the answer cache
+    assert "--retry_failed true" in proc.stderr and "--overwrite" in proc.stderr and "the answer cache" in proc.stderr
+
+
+def test_with_concurrency_1_two_requests_decide(fresh_run):
+    with FakeOpenAI(error=(400, {"detail": "Server is pinned to '/models/smol'; requested 'fake-gpt'."})) as server:
+        proc = subprocess.run(cli_args(fresh_run, server.base_url, "--max_users", "10", "--concurrency", "1"), capture_output=True,
+                              text=True, timeout=300)
+        posts = server.posts
+    assert proc.returncode == 2 and posts == 2
+    assert "stopped after 2 requests: all 2 requests of the first window got the same error" in proc.stderr
+
+
+def test_an_introduction_on_its_own_line_is_salvaged_in_chat_mode(fresh_run):
+    run = fresh_run
+    answers = {0: "Here is the sentence:\nUser u0000 likes gentle soaps and mild scents.",
+               1: "Sure! Here is the user's preference:\n\nUser u0001 likes gentle soaps and mild scents.\n\nI hope this helps!",
+               2: "The user's preferences are:\n1. gentle soaps\n2. mild scents and soft brushes",
+               3: "Here is the answer: Review 0 by u0003: the scent was too strong."}  # a review without its "- (N stars) " marker
+    with FakeOpenAI(faults=False, answers=answers) as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "5", "--answer_mode", "chat", "--invalid_retries", "1"),
+                              capture_output=True, text=True, timeout=300)
+        first = server.payloads["u0000"][0]
+    assert proc.returncode == 2 and "stop" not in first and first["max_tokens"] == 96
+    prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
+    assert prefs["R0000"] == "User u0000 likes gentle soaps and mild scents." and prefs["R0001"] == "User u0001 likes gentle soaps and mild scents."
+    assert set(failures) == {"R0002", "R0003"} and "echoes the prompt" in failures["R0003"]["reason"]
+    assert failures["R0002"]["last_answer"] == answers[2] and failures["R0003"]["last_answer"] == answers[3]
+    entries = {e["user"]: e for e in map(json.loads, cache_file(run).read_text().splitlines())}
+    assert entries["R0000"]["salvaged_from"] == answers[0] and entries["R0001"]["salvaged_from"] == answers[1]
+    assert read_json(run / "preferences" / "summary.json")["salvaged"] == 2
+
+
+def test_a_sentence_is_not_cut_at_an_abbreviation(fresh_run):
+    run = fresh_run
+    answers = {0: " strings by D.R. Strings, e.g. light gauges. They also like picks.\nAnd tuners."}
+    with FakeOpenAI(faults=False, answers=answers) as server:  # the fake honours stop sequences, as vLLM does
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "2", "--answer_mode", "prefill"), capture_output=True, text=True,
+                              timeout=300)
+        first = server.payloads["u0000"][0]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert first["stop"] == ["\n"]  # no ". ": "D.R. " and "e.g. " would end the answer there
+    assert stored(run)["R0000"] == "The user prefers strings by D.R. Strings, e.g. light gauges."  # the client keeps the first sentence
+
+
+def test_an_empty_continuation_is_an_empty_answer():
+    for blank in (None, "", "  \n"):
+        with pytest.raises(AnswerError, match="empty answer") as caught:
+            continued("The user prefers", blank)
+        assert not (caught.value.answer or "").strip()  # the raw reply, nothing invented
+    assert continued("The user prefers", " gentle soaps") == "The user prefers gentle soaps"  # nothing added, not even a full stop
+    assert continued("The user prefers", "The user prefers gentle soaps.") == "The user prefers gentle soaps."
+
+
+def tiny_tokenizer(folder: Path, adds_bos: bool) -> str:
+    """A word-level tokenizer whose chat template starts with `{{ bos_token }}`, with or without BOS added on encoding."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(80))]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    if adds_bos:
+        tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                          "{% if add_generation_prompt %}[assistant] {% endif %}")
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_a_completion_prompt_holds_bos_once(tmp_path, adds_bos):
+    render = load_chat_template(PreferenceArguments(answer_mode="completion", tokenizer=tiny_tokenizer(tmp_path, adds_bos)))
+    prompt = render([{"role": "system", "content": "w1"}, {"role": "user", "content": "w2"}])
+    # the server encodes the prompt with the tokenizer's special tokens: BOS comes from the text or from the tokenizer, not both
+    assert prompt == ("" if adds_bos else "<s>") + "[system] w1\n[user] w2\n[assistant] "
+
+
+def test_another_answer_mode_reads_answers_stored_in_any_mode(fresh_run):
+    run = fresh_run
+    with FakeOpenAI(faults=False) as server:
+        first = subprocess.run(cli_args(run, server.base_url, "--max_users", "4", "--answer_mode", "prefill"), capture_output=True, text=True,
+                               timeout=300)
+        posts = server.posts
+        again = subprocess.run(cli_args(run, server.base_url, "--max_users", "6", "--answer_mode", "chat", "--overwrite"),
+                               capture_output=True, text=True, timeout=300)
+        asked_again = {tag for tag, payloads in server.payloads.items() if len(payloads) > 1 or int(tag[1:]) >= 4}
+    assert first.returncode == again.returncode == 0, again.stderr[-3000:]
+    assert posts == 4 and server.posts == 6 and asked_again == {"u0004", "u0005"}  # only the two new users, in chat mode
+    summary = read_json(run / "preferences" / "summary.json")
+    assert summary["cached"] == 4 and summary["answers_by_mode"] == {"prefill": 4, "chat": 2}
+    rows = {r["user"]: r for r in map(json.loads, (run / "preferences" / "preferences.jsonl").read_text().splitlines())}
+    assert [rows[f"R{u:04d}"]["answer_mode"] for u in range(6)] == ["prefill"] * 4 + ["chat"] * 2
+    assert rows["R0000"]["preference"] == "The user prefers gentle u0000 things."
+
+
+def test_the_same_invalid_answer_twice_is_not_asked_a_third_time(fresh_run):
+    with FakeOpenAI(faults=False, invalid_users={0}) as server:  # like `transformers serve`, the fake ignores temperature and seed
+        proc = subprocess.run(cli_args(fresh_run, server.base_url, "--max_users", "2", "--answer_mode", "chat", "--invalid_retries", "3"),
+                              capture_output=True, text=True, timeout=300)
+        asked = len(server.requests["u0000"])
+    assert proc.returncode == 2 and asked == 2
+    failure = read_json(fresh_run / "preferences" / "failures.json")["R0000"]
+    assert "the same answer came back to a retry" in failure["reason"] and failure["last_answer"] == "The user's preferences are:"
+    assert read_json(fresh_run / "preferences" / "summary.json")["identical_answers"] == 1
+
+
+def test_the_api_key_is_redacted_from_server_messages(fresh_run):
+    key = "sk-canary-redact-0123456789abcdef"
+    body = {"error": {"message": f"Incorrect API key provided: {key[:8]}****************cdef ({key}).", "type": "invalid_request_error"}}
+    with FakeOpenAI(error=(401, body)) as server:
+        proc = subprocess.run(cli_args(fresh_run, server.base_url, "--max_users", "10"), capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OPENAI_API_KEY": key})
+    assert proc.returncode == 2 and "AuthenticationError 401: Incorrect API key provided: [API key] ([API key])." in proc.stderr
+    assert key[:8] not in proc.stderr and key[-6:] not in proc.stderr

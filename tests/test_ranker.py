@@ -37,7 +37,8 @@ def test_bf16_model_gives_float32_letter_scores_without_collapsed_ties(tiny_llm)
     assert distinct(fp32) == [20] * len(prompts) and distinct(bf16) == distinct(fp32)
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.inference_mode():
-        old = torch.nn.functional.linear(last_hidden(bf16_model, enc.input_ids, enc.attention_mask), letter_rows(bf16_model, ids)).float().numpy()
+        bf16_rows = letter_rows(bf16_model, ids).to(torch.bfloat16)
+        old = torch.nn.functional.linear(last_hidden(bf16_model, enc.input_ids, enc.attention_mask), bf16_rows).float().numpy()
     assert min(distinct(old)) < 20  # what the float32 rule prevents
 
 

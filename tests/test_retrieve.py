@@ -35,7 +35,7 @@ def test_a_target_tied_at_the_top_k_boundary_is_ranked_as_the_list_stores_it():
         assert (rank <= 3) == (target in row) and (rank > 3 or row[rank - 1] == target)
 
 
-def test_llamarec_optimizer_groups_exempt_biases_and_layer_norms(demo_run):
+def test_llamarec_optimizer_groups_exempt_biases_and_layer_norms():
     from ulmrec_hf.models.retrievers import RetrieverConfig, SequentialRetriever
 
     model = SequentialRetriever(RetrieverConfig(num_items=30, hidden=16, ffn=32))

@@ -138,6 +138,23 @@ def test_alignment_rows_come_on_top_of_the_same_next_item_rows(inputs, tasks_fla
     assert full_mix["train_samples"] == 80 and full_mix["next_item_samples"] == 40
 
 
+def test_the_mixture_is_interleave_datasets_with_the_recorded_probabilities(inputs, tasks_flags):
+    run = inputs("mix")
+    run_stage("tasks", tasks_flags(run, "--max_train_samples", "40"))
+    mixture, train = read_json(run / "tasks" / "mixture.json"), datasets.load_from_disk(str(run / "tasks" / "train"))
+    mixing = mixture["mixing"]
+    assert mixing["method"] == "datasets.interleave_datasets" and mixing["stopping_strategy"] == "all_exhausted_without_replacement"
+    rows = {t: v["rows"] for t, v in mixture["tasks"].items()}
+    assert mixing["probabilities"] == {t: round(n / sum(rows.values()), 6) for t, n in rows.items()}
+    parts = [datasets.load_from_disk(str(run / "tasks" / t)).select_columns(train.column_names).shuffle(seed=mixing["seed"]) for t in rows]
+    assert mixing["within_task"] == f"Dataset.shuffle(seed={mixing['seed']})"
+    again = datasets.interleave_datasets(parts, probabilities=[n / sum(rows.values()) for n in rows.values()], seed=mixing["seed"],
+                                         stopping_strategy=mixing["stopping_strategy"])
+    assert again.to_list() == train.to_list()  # exactly what interleave_datasets gives with the recorded settings
+    assert sorted(map(str, train.to_list())) == sorted(str(r) for p in parts for r in p.to_list())  # every row once
+    assert train["task"][:10] != sorted(train["task"][:10], key=list(rows).index)  # mixed, not task after task
+
+
 def test_intent_rows_follow_the_candidate_rule(inputs, tasks_flags):
     run = inputs("intent")
     run_stage("tasks", tasks_flags(run, "--protocol", "paper", "--max_train_samples", "200"))

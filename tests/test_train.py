@@ -92,7 +92,7 @@ def test_new_token_rows_are_trained_and_the_card_says_what_the_adapter_holds(tin
     assert metrics["worse_than_untrained"] == (metrics["best"]["eval_ndcg@10"] < metrics["untrained"]["untrained_ndcg@10"])
     card = (tiny_pipeline / "ranker" / "README.md").read_text()
     config = read_json(tiny_pipeline / "ranker" / "ranker_config.json")
-    assert card.startswith("---\n") and f"base_model: {config['base_model']}" in card and "library_name: peft" in card
+    assert card.startswith("---\n") and f"base_model_local: {config['base_model']}" in card and "library_name: peft" in card
     assert f"{round(metrics['adapter_bytes'] / 1e6, 2)} MB" in card and "48 added index tokens" in card
     assert "`all_prefixes`" in card and "`random`" in card and "`retriever`" in card and "https://github.com/)" not in card
 
@@ -138,9 +138,12 @@ def test_a_worse_adapter_stops_the_stage_and_a_rerun_that_allows_it_finishes(tas
     with pytest.raises(UlmrecError, match="WORSE than the untrained model"):
         run_stage("train", train_flags(tasks_run, "--max_steps", "2", "--allow_worse_than_untrained", "false"))
     assert (tasks_run / "ranker" / "adapter_model.safetensors").exists() and not (tasks_run / "ranker" / "_COMPLETE").exists()
+    refused = read_json(tasks_run / "ranker" / "train_metrics.json")
     run_stage("train", train_flags(tasks_run, "--max_steps", "2"))
     metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
     assert metrics["worse_than_untrained"] and metrics["choice"]["refused"] is False and (tasks_run / "ranker" / "_COMPLETE").exists()
+    assert metrics["steps"] == 2 and metrics["best"]["eval_ndcg@10"] == refused["best"]["eval_ndcg@10"]  # the same adapter, no extra step
+    assert read_json(tasks_run / "ranker" / "ranker_config.json")["best_checkpoint"].endswith("checkpoint-2")
     assert "kept as allowed by allow_worse_than_untrained" in (tasks_run / "ranker" / "README.md").read_text()
 
 
@@ -247,13 +250,55 @@ def test_a_resume_without_the_untrained_scores_measures_them_first(tasks_run, tr
 @pytest.mark.slow
 def test_two_process_ddp_training(tasks_run, train_flags, free_port):
     accelerate = Path(sys.executable).parent / "accelerate"
-    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    config = Path(__file__).resolve().parents[1] / "accelerate_configs" / "multi_gpu.yaml"  # DDP, as a GPU user launches it
+    cmd = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--main_process_port", str(free_port()), "--dynamo_backend", "no", "-m", "ulmrec_hf.cli", "train",
            *train_flags(tasks_run, "--eval_before_training", "false")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
     assert set(metrics["best"]) >= {"eval_ndcg@10", "eval_recall@10", "eval_mrr@10"} and metrics["world_size"] == 2
+    assert metrics["distributed"]["type"] == "MULTI_CPU" and metrics["distributed"]["processes"] == 2  # DDP over gloo
+    assert metrics["distributed"]["sharded_parameters"] == 0  # DDP replicates
+
+
+def test_sharding_needs_cuda_and_qlora_storage_follows_the_sharded_dtype(monkeypatch):
+    """FSDP and DeepSpeed on the CPU are refused (accelerate would train unsharded copies); QLoRA under FSDP stores the
+    4-bit weights in the dtype FSDP shards, set when unset and an error when it contradicts."""
+    from trl import get_quantization_config
+
+    from ulmrec_hf.train import RankerModelConfig, RankerTrainingConfig, sharding_problems
+
+    training = RankerTrainingConfig(use_cpu=True)
+    monkeypatch.setattr(train_mod, "cuda", lambda: False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "FSDP needs CUDA" in sharding_problems(RankerModelConfig(dtype="float32", load_in_4bit=False), training, {})[0]
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert "DeepSpeed needs CUDA" in sharding_problems(RankerModelConfig(dtype="float32", load_in_4bit=False), training, {})[0]
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED")
+    monkeypatch.setattr(train_mod, "cuda", lambda: True)
+    plain = RankerModelConfig(dtype="bfloat16", load_in_4bit=True)
+    assert sharding_problems(plain, training, {}) == [] and plain.bnb_4bit_quant_storage is None  # no FSDP: left alone
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    derived, qlora = {}, RankerModelConfig(dtype="bfloat16", load_in_4bit=True, use_bnb_nested_quant=True)
+    assert sharding_problems(qlora, training, derived) == [] and derived == {"bnb_4bit_quant_storage": "bfloat16"}
+    assert get_quantization_config(qlora).bnb_4bit_quant_storage == torch.bfloat16
+    wrong = RankerModelConfig(dtype="bfloat16", load_in_4bit=True, bnb_4bit_quant_storage="uint8")
+    assert "must be stored as bfloat16" in sharding_problems(wrong, training, {})[0]
+
+
+@pytest.mark.slow
+def test_the_fsdp_config_on_cpu_processes_is_refused(tasks_run, train_flags, free_port):
+    """accelerate_configs/fsdp.yaml with 2 CPU processes: accelerate would run them as unsharded DDP (MULTI_CPU), so
+    train stops before training with the reason instead of reporting an FSDP run that never sharded."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    config = Path(__file__).resolve().parents[1] / "accelerate_configs" / "fsdp.yaml"
+    cmd = [str(accelerate), "launch", "--config_file", str(config), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), "-m", "ulmrec_hf.cli", "train", *train_flags(tasks_run, "--eval_before_training", "false")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "FSDP needs CUDA" in proc.stderr and "MULTI_CPU" in proc.stderr, proc.stderr[-3000:]
+    assert not (tasks_run / "ranker" / "adapter_model.safetensors").exists()
 
 
 def test_lora_last_layers_limits_the_adapter(tiny_llm):

@@ -1,2 +1,2 @@
 """ULMRec, HuggingFace-native."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

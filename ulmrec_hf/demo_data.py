@@ -97,35 +97,56 @@ def review(rng, item: dict, taste: dict) -> tuple[float, str, str]:
     return rating, f"Not really for me. I mostly buy {want} and this {noun} did not fit my routine.", "Disappointed"
 
 
-def make_users(rng, items: list[dict], args: DemoDataArguments) -> list[dict]:
+def taste_cdf(items: list[dict], taste: dict, cache: dict):
+    """Cumulative sampling weights of one taste, computed once per taste: O(items) per distinct taste, not per user."""
+    key = (*taste["categories"], taste["style"])
+    if key not in cache:
+        import numpy as np
+
+        cats = taste["categories"]
+        weights = [[0.2, 3.0, 12.0][match(it, taste)] * (1.5 if it["category"] == cats[0] else 1.0) for it in items]
+        total = sum(weights)
+        cdf = np.asarray([w / total for w in weights]).cumsum()
+        cache[key] = cdf / cdf[-1]
+    return cache[key]
+
+
+def draw(rng, cdf) -> int:
+    """One draw of `rng.choice(len(cdf), p=probs)`: the same uniform number and the same inverse-CDF lookup."""
+    return int(cdf.searchsorted(rng.random(), side="right"))
+
+
+def make_users(rng, items: list[dict], args: DemoDataArguments):
+    """Yields the review rows user by user (the file is written as they come)."""
     nxt = successors(items)
-    rows = []
+    cdfs = {}
     for u in range(args.users):
         cats = [CATEGORIES[int(c)] for c in rng.choice(len(CATEGORIES), size=2, replace=False)]
         taste = {"categories": cats, "style": STYLES[int(rng.integers(len(STYLES)))]}
-        weights = [[0.2, 3.0, 12.0][match(it, taste)] * (1.5 if it["category"] == cats[0] else 1.0) for it in items]
-        probs = [w / sum(weights) for w in weights]
+        cdf = taste_cdf(items, taste, cdfs)
         length = int(rng.integers(args.min_length, args.max_length + 1))
         user = f"AD{int(rng.integers(16**10)):010X}{u:03d}"
         t = 1_400_000_000 + int(rng.integers(0, 30_000_000))
-        seen, cur = set(), int(rng.choice(len(items), p=probs))
+        seen, cur = set(), draw(rng, cdf)
         while len(seen) < length:
             if cur not in seen:
                 seen.add(cur)
                 rating, text, summary = review(rng, items[cur], taste)
-                rows.append({"overall": rating, "verified": True, "reviewTime": "", "reviewerID": user,
-                             "asin": items[cur]["asin"], "reviewerName": f"Demo user {u}", "reviewText": text,
-                             "summary": summary, "unixReviewTime": t})
+                yield {"overall": rating, "verified": True, "reviewTime": "", "reviewerID": user,
+                       "asin": items[cur]["asin"], "reviewerName": f"Demo user {u}", "reviewText": text,
+                       "summary": summary, "unixReviewTime": t}
                 t += int(rng.integers(86_400, 30 * 86_400))
             follow = rng.random() < args.transition_prob and nxt[cur] not in seen
-            cur = nxt[cur] if follow else int(rng.choice(len(items), p=probs))
-    return rows
+            cur = nxt[cur] if follow else draw(rng, cdf)
 
 
-def write_gz_jsonl(path: Path, rows: list[dict]) -> None:
+def write_gz_jsonl(path: Path, rows) -> int:
+    count = 0
     with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
         for row in rows:
             f.write((json.dumps(row) + "\n").encode())
+            count += 1
+    return count
 
 
 def main(args: DemoDataArguments) -> Path:
@@ -136,9 +157,8 @@ def main(args: DemoDataArguments) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     items = make_items(rng, args.items, args.series_size)
-    rows = make_users(rng, items, args)
     write_gz_jsonl(out / "meta_Demo.json.gz", [{"asin": it["asin"], "title": it["title"], "brand": it["brand"], "category": ["Beauty", it["category"]]} for it in items])
-    write_gz_jsonl(out / "Demo_5.json.gz", rows)
+    reviews = write_gz_jsonl(out / "Demo_5.json.gz", make_users(rng, items, args))
     write_json(out / "planted_structure.json", {"items": items, "transition_prob": args.transition_prob})
-    logger.info("demo-data: %d reviews of %d items by %d users -> %s", len(rows), len(items), args.users, out)
+    logger.info("demo-data: %d reviews of %d items by %d users -> %s", reviews, len(items), args.users, out)
     return out

@@ -18,7 +18,7 @@ import numpy as np
 
 from .common import StageArguments, UlmrecError, settings_of, write_json
 from .layout import RunDir
-from .metrics import TIE_RULE, gold_ranks, rank_and_overall, ranking_order, tied_gold
+from .metrics import TIE_RULE, gold_ranks, rank_and_overall, ranking_order, score_metrics, tied_gold
 
 logger = logging.getLogger(__name__)
 FUSION_WEIGHTS = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
@@ -58,11 +58,9 @@ def ranks(scores: np.ndarray, gold: np.ndarray) -> list[int]:
 def choose_weight(weights: list[float], retriever_scores: np.ndarray, letter_scores: np.ndarray, gold: np.ndarray) -> tuple[float, dict]:
     """w on these (validation) users: the smallest w whose rank NDCG@10 is within one standard error of the best w's
     (the one-standard-error rule: with a few hundred users, a smaller gain than that is noise, and w = 0 is the retriever)."""
-    from .metrics import user_metrics
-
     if 0.0 not in weights:
         raise UlmrecError("evaluate: --fusion_weights must include 0 (the retriever alone)")
-    per_user = {w: np.array([user_metrics(r, ks=(10,))["ndcg@10"] for r in ranks(fuse(retriever_scores, letter_scores, w), gold)])
+    per_user = {w: np.array(score_metrics(fuse(retriever_scores, letter_scores, w), gold, ks=(10,), per_user=True)["per_user"]["ndcg@10"])
                 for w in sorted(float(w) for w in weights)}
     curve = {w: float(v.mean()) for w, v in per_user.items()}
     best = max(curve, key=lambda w: (curve[w], -w))
@@ -141,7 +139,7 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     if args.zero_shot and (args.merge_adapter or args.ranker):
         raise UlmrecError("evaluate: --zero_shot scores the base model; it has no adapter to merge or load")
     inputs = ("tasks",) if args.zero_shot or args.ranker else ("tasks", "train")
-    settings = {**settings_of(args), "ranker_fingerprint": ranker_fingerprint(args.ranker)}
+    settings = {**settings_of(args), "ranking": TIE_RULE, "ranker_fingerprint": ranker_fingerprint(args.ranker)}
     if not run.begin("evaluate", settings, stage.overwrite, inputs=inputs):
         print(run.path("evaluate").joinpath("table.md").read_text())
         return run.path("evaluate")
@@ -166,8 +164,7 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     if args.uid_only and uid_only is not None:
         uid_scores = score(model, tokenizer, config, uid_only, args, "test uid-only")
         uid_ranks = ranks(uid_scores, np.array(uid_only["target_position"]))
-        summary["test"]["ranker_uid_only"] = {**rank_and_overall(uid_ranks, meta["test"]["users"]),
-                                              "tied_gold_users": tied_gold(uid_scores, np.array(uid_only["target_position"]))}
+        summary["test"]["ranker_uid_only"] = score_metrics(uid_scores, np.array(uid_only["target_position"]), meta["test"]["users"])
         per_user["test"] = per_user["test"].add_column("rank_uid_only", uid_ranks)
     untrained = None if args.zero_shot else untrained_validation(ranker_folder(run, args))
     if untrained is not None:
@@ -184,8 +181,7 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
 def split_metrics(data, scores: np.ndarray, w: float, total_users: int) -> dict:
     """Rank and overall metrics of each row, with how many users' gold score tied another candidate's."""
     gold, retriever = np.array(data["target_position"]), np.array(data["retriever_scores"])
-    out = {name: {**rank_and_overall(ranks(s, gold), total_users), "tied_gold_users": tied_gold(s, gold)}
-           for name, s in (("ranker", scores), ("fused", fuse(retriever, scores, w)))}
+    out = {name: score_metrics(s, gold, total_users) for name, s in (("ranker", scores), ("fused", fuse(retriever, scores, w)))}
     # The retriever's own order is its stored list (ties there: the lower item id first, as `retrieve` ranks).
     out["retriever"] = {**rank_and_overall(data["retriever_rank"], total_users), "tied_gold_users": tied_gold(retriever, gold)}
     return out

@@ -137,6 +137,11 @@ class RunDir:
                       **(info or {}))
         write_json(self.path(stage) / COMPLETE, record)
 
+    def stage_key(self, stage: str) -> str:
+        """A fingerprint of the settings and inputs a started stage runs with (for caches made during the stage)."""
+        record = read_json(self.path(stage) / STARTED)
+        return fingerprint([record["settings"], record["inputs"]])
+
     def amend(self, stage: str, change: dict) -> None:
         """Record a change to a finished stage's output (e.g. users added to the index): its fingerprint changes, so
         later stages made from the old output say so instead of reusing it."""

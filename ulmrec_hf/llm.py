@@ -11,10 +11,14 @@ import os
 import shutil
 from pathlib import Path
 
+from .common import UlmrecError
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_ALIASES = {"smollm2", "smollm2-135m", "smollm2-135m-instruct"}
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+MIN_VOCAB = 64  # fewer tokens than this is no language model's vocabulary
 
 
 def cache_root() -> Path:
@@ -31,13 +35,24 @@ def resolve_model_path(name: str) -> str:
     return str(convert_smollm2_gguf(target))
 
 
+def hub_model_id(name: str) -> str | None:
+    """The Hub id a model name stands for: the alias's, a Hub cache folder's (`models--owner--name`), the name itself
+    when it is no local folder; None for another local folder, which the Hub cannot link."""
+    import re
+
+    if name.lower() in SMOLLM2_ALIASES:
+        return SMOLLM2_HUB_ID
+    cached = re.search(r"models--([\w.-]+)--([\w.-]+)", name)
+    if cached:
+        return f"{cached.group(1)}/{cached.group(2)}"
+    return None if Path(name).expanduser().exists() else name
+
+
 def convert_smollm2_gguf(target: Path) -> Path:
     import importlib.util
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from .common import UlmrecError
 
     if os.environ.get("ULMREC_SMOLLM2_GGUF"):
         package_dir = Path(os.environ["ULMREC_SMOLLM2_GGUF"]).parent
@@ -68,11 +83,26 @@ def convert_smollm2_gguf(target: Path) -> Path:
 def load_tokenizer(name: str, padding_side: str = "left"):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (ImportError, ValueError) as e:
+        if "tiktoken" in str(e) or "sentencepiece" in str(e).lower():  # a SentencePiece `tokenizer.model` it could not read
+            raise UlmrecError(f"{path}: the tokenizer could not be read ({str(e).splitlines()[0]}); a `tokenizer.model` "
+                              "(SentencePiece) needs the sentencepiece and protobuf packages") from None
+        raise
+    check_tokenizer(tokenizer, path)
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_tokenizer(tokenizer, path: str) -> None:
+    """A tokenizer that loaded without a vocabulary (e.g. a SentencePiece file read without sentencepiece) is an error."""
+    if len(tokenizer) < MIN_VOCAB:
+        raise UlmrecError(f"{path}: the tokenizer loaded with {len(tokenizer)} tokens, so its vocabulary was not read; for a "
+                          "`tokenizer.model` (SentencePiece) check that sentencepiece and protobuf are installed")
 
 
 def load_causal_lm(name: str, dtype: str = "float32", device: str | None = None, **kwargs):

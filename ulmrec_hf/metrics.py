@@ -1,30 +1,39 @@
 """Ranking metrics with one relevant item per user, shared by the retriever, the ranker and the fusion.
 
+The tie rule lives here (`TIE_RULE`, `ranking_order`, `gold_ranks`, `tied_gold`); the arithmetic (MRR, NDCG and Recall@k,
+"rank" and "overall") is the `evaluate` metric module `ranking_metric.py`, loaded from its local path by `load_metric`.
 `rank` is the 1-based position of the ground truth in a user's ranked list, or None when it is absent; an absent item
-contributes 0 to every metric. "Overall" metrics are the per-user mean over all users. (No maintained package computes
-these from ranks: `evaluate` has no MRR/NDCG module with one relevant item, so they are written here, checked against
-scikit-learn's ndcg_score in the tests.)
+contributes 0 to every metric. "Overall" metrics are the per-user mean over all users (checked against scikit-learn's
+ndcg_score in the tests).
 """
 
-import math
+import functools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
 DEFAULT_KS = (1, 5, 10, 20)
+METRIC_PATH = str(Path(__file__).with_name("ranking_metric.py"))
 TIE_RULE = ("equal scores keep the order the candidates were shown in (the earlier letter ranks higher): a stable sort by "
             "score, the same in evaluation, checkpoint selection, fusion and serving")
 
 
+def comparable(scores: np.ndarray) -> np.ndarray:
+    """float64 scores with NaN as -inf: a NaN (an overflow, a broken adapter) ranks last, never first by failing comparisons."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return np.where(np.isnan(scores), -np.inf, scores)
+
+
 def ranking_order(scores: np.ndarray) -> np.ndarray:
     """Candidate columns best first, per row, under TIE_RULE (the order serving returns)."""
-    return np.argsort(-np.asarray(scores, dtype=np.float64), axis=-1, kind="stable")
+    return np.argsort(-comparable(scores), axis=-1, kind="stable")
 
 
 def gold_ranks(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
     """1-based rank of the gold column in each row under TIE_RULE: the candidates scored higher, plus those scored the
     same that were shown earlier, rank above it (equal to its position in `ranking_order`)."""
-    scores, gold = np.asarray(scores, dtype=np.float64), np.asarray(gold, dtype=int)
+    scores, gold = comparable(scores), np.asarray(gold, dtype=int)
     if (gold < 0).any():
         raise ValueError("gold_ranks: a row has no gold column (-1); only users whose target is among the candidates are ranked")
     gold_scores = scores[np.arange(len(gold)), gold][:, None]
@@ -34,7 +43,7 @@ def gold_ranks(scores: np.ndarray, gold: np.ndarray) -> np.ndarray:
 
 def tied_gold(scores: np.ndarray, gold: np.ndarray) -> int:
     """Users whose gold score equals another candidate's (where TIE_RULE decided the rank)."""
-    scores, gold = np.asarray(scores, dtype=np.float64), np.asarray(gold, dtype=int)
+    scores, gold = comparable(scores), np.asarray(gold, dtype=int)
     gold_scores = scores[np.arange(len(gold)), gold][:, None]
     return int(((scores == gold_scores).sum(1) > 1).sum())
 
@@ -46,27 +55,36 @@ def rank_of(ranked: Sequence[int], target: int) -> int | None:
     return None
 
 
+@functools.cache
+def load_metric(config: str = "scores"):
+    """The ranking metric module (`ranking_metric.py`) through `evaluate.load` from its local path, kept in memory."""
+    import evaluate
+
+    return evaluate.load(METRIC_PATH, config, keep_in_memory=True)
+
+
 def user_metrics(rank: int | None, ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    out = {}
-    for k in ks:
-        hit = rank is not None and rank <= k
-        out[f"mrr@{k}"] = 1.0 / rank if hit else 0.0
-        out[f"ndcg@{k}"] = 1.0 / math.log2(rank + 1) if hit else 0.0
-        out[f"recall@{k}"] = 1.0 if hit else 0.0
-    return out
+    """One user's metrics by the metric module's own arithmetic, reached through `evaluate.load` rather than an import
+    (the module imports the tie rule from here)."""
+    import sys
+
+    return sys.modules[type(load_metric("ranks")).__module__].user_metrics(rank, tuple(ks))
 
 
 def metrics_from_ranks(ranks: Sequence[int | None], ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
-    """Mean of `user_metrics` over all users given (users with rank None count as 0)."""
-    if not ranks:
+    """Mean over all users given (users with rank None count as 0)."""
+    if not len(ranks):
         raise ValueError("no users to compute metrics on")
-    total: dict[str, float] = {}
-    for rank in ranks:
-        for name, value in user_metrics(rank, ks).items():
-            total[name] = total.get(name, 0.0) + value
-    return {name: value / len(ranks) for name, value in total.items()}
+    return load_metric("ranks").compute(predictions=list(ranks), ks=list(ks))["overall"]
 
 
 def rank_and_overall(ranks: Sequence[int], total_users: int, ks: Sequence[int] = (5, 10)) -> dict:
     """Rank metrics over the scored users and overall metrics over all users (users not scored count 0)."""
-    return {"rank": metrics_from_ranks(ranks, ks), "overall": metrics_from_ranks(list(ranks) + [None] * (total_users - len(ranks)), ks)}
+    out = load_metric("ranks").compute(predictions=list(ranks), ks=list(ks), total_users=total_users)
+    return {"rank": out["rank"], "overall": out["overall"]}
+
+
+def score_metrics(scores: np.ndarray, gold: np.ndarray, total_users: int | None = None, ks: Sequence[int] = (5, 10), per_user: bool = False) -> dict:
+    """Rank and overall metrics of candidate scores under TIE_RULE, with `tied_gold_users` (gold -1: not among them)."""
+    return load_metric("scores").compute(predictions=np.asarray(scores, dtype=np.float64).tolist(), references=np.asarray(gold, dtype=int).tolist(),
+                                         ks=list(ks), total_users=total_users, per_user=per_user)

@@ -4,10 +4,15 @@ Backends: `openai` (any OpenAI-compatible endpoint), `local` (an HF causal LM, S
 (a precomputed user -> preference file) and `offline-keywords` (a deterministic, labelled, model-free fallback).
 
 Requests to an endpoint are sized and paced for real servers and real bills:
-- every request carries `max_tokens` (one sentence by default) and stops at a line break; an answer cut off by
-  `max_tokens` counts as invalid, and so do an introduction without content ("The user's preferences are:") and lists;
+- every request carries `max_tokens` (64 tokens, one sentence; 96 in chat mode, room for an introduction before it);
+  prefill and completion requests stop at a line break and the client keeps the first sentence (by `sentences()`, so
+  "D.R. Strings" or "e.g." do not end it); chat and json_schema requests send no stop sequence (an introduction may sit
+  on a line of its own; a line break may sit inside the JSON) and the client judges the reply's first paragraph, or an
+  introduction and the paragraph after it. An answer cut off by `max_tokens` counts as invalid, and so do an
+  introduction without content ("The user's preferences are:") and lists;
 - a retry after an invalid answer changes the request (a higher temperature and a seed), since the same request at
-  temperature 0 returns the same answer; there are at most `invalid_retries` of them (transport errors get `max_retries`);
+  temperature 0 returns the same answer; there are at most `invalid_retries` of them (transport errors get `max_retries`),
+  and none after the server returned the same invalid answer twice (a server that ignores temperature and seed);
 - a timed-out request is still running on the server, so a timeout halves the number of requests in flight (it grows
   back one per `concurrency` answers) and its retry waits at least `request_timeout`;
 - tokens and requests are counted in `summary.json`, and `token_budget` stops a run before it would spend more.
@@ -16,11 +21,15 @@ server allows (`answer_mode`, chosen once per run from GET /v1/models unless the
 whose answer starts with `response_prefix` and is continued by the server (`prefill`), a JSON-schema `response_format`
 (`json_schema`), a /v1/completions prompt rendered by the model's own chat template (`completion`), or a plain chat.
 An introduction followed by exactly one valid sentence, or a one-item list, is reduced to that sentence and labelled
-`salvaged`; two sentences, several items or an echo stay invalid. The same client error (400, 401, 403, 404, 422) on the
-first requests stops the stage at once with the server's own message (and the served models, when the model name is
-the cause). `failures.json` keeps each failed user's reason and last rejected answer.
+`salvaged`; two sentences, several items or an echo of a review stay invalid. No other request goes out until the
+first `concurrency` requests (at least 2) have come back; when every one of them got the same client error (400, 401,
+403, 404, 422 with the same message) and none was answered, the stage stops with the server's own message (and the
+served models, when the model name is the cause). Otherwise, and once any answer has arrived, a client error fails only
+its user. `failures.json` keeps each failed user's reason and last rejected answer; the API key is redacted from every
+server message.
 Every answer is appended (fsync'd) to the named cache `cache/preferences/responses.jsonl`, keyed by user, endpoint,
-model, messages and sampling settings, so a killed or budget-stopped run resumes without asking anything twice. A user
+model, messages, answering mode and sampling settings, so a killed or budget-stopped run resumes without asking
+anything twice. Stored answers are read back in whichever answering mode they were made (recorded per user). A user
 whose answers stayed invalid through every retry is recorded there too, and is not asked again unless
 `--retry_failed true` (timeouts and server errors are not recorded: they may pass). Re-running costs nothing.
 """
@@ -53,8 +62,8 @@ DEFAULT_PROMPT = (
 OFFLINE_LABEL = "[offline-keywords]"
 ANSWER_MODES = ["auto", "chat", "prefill", "json_schema", "completion"]
 PREFILL_SERVERS = {"vllm": "vLLM", "sglang": "SGLang", "llamacpp": "llama.cpp", "library": "Ollama"}  # by /v1/models owned_by
-CLIENT_ERRORS = (400, 401, 403, 404, 422)  # the request itself is wrong, whichever user it is for
-SENTENCE_STOP = ". "  # prefill and completion answers continue "The user prefers": one sentence ends here
+CLIENT_ERRORS = (400, 401, 403, 404, 422)  # the request itself may be wrong, whichever user it is for
+SENTENCE_TOKENS, CHAT_TOKENS = 64, 96  # default max_tokens: one sentence; in chat mode an introduction may come first
 ANSWER_SCHEMA = {"type": "json_schema", "json_schema": {"name": "preference", "strict": True, "schema": {
     "type": "object", "properties": {"preference": {"type": "string"}}, "required": ["preference"], "additionalProperties": False}}}
 KEEP_CHARS = 300  # of a rejected answer or a server message, in failures.json, the cache and errors
@@ -83,8 +92,8 @@ class PreferenceArguments:
     system_prompt: str = field(default=DEFAULT_SYSTEM, metadata={"help": "System message."})
     prompt: str = field(default=DEFAULT_PROMPT, metadata={"help": "Prompt template with {reviews}."})
     review_token_budget: int = field(default=768, metadata={"help": "Review text per prompt, in estimated tokens (4 characters each); newest first."})
-    max_tokens: int = field(default=64, metadata={"help": "Answer length cap sent with every request (one sentence); a longer answer is cut off and rejected."})
-    stop: list[str] = field(default_factory=lambda: ["\n"], metadata={"help": "Stop sequences sent with every request (a one-sentence answer has no line break)."})
+    max_tokens: int | None = field(default=None, metadata={"help": f"Answer length cap sent with every request; a longer answer is cut off and rejected. Default {SENTENCE_TOKENS} (one sentence), {CHAT_TOKENS} in chat mode (an introduction may come before the sentence)."})
+    stop: list[str] | None = field(default=None, metadata={"help": "Stop sequences sent with every request. Default: a line break in prefill and completion modes (the answer continues one sentence), none in chat mode (an introduction may sit on a line of its own) and never any in json_schema mode."})
     retry_failed: bool = field(default=False, metadata={"help": "Ask again the users whose answers stayed invalid in an earlier run (recorded in the cache)."})
     temperature: float = field(default=0.0, metadata={"help": "Sampling temperature of a first request."})
     retry_temperature: float = field(default=0.7, metadata={"help": "Temperature of a retry after an invalid answer (which also sends a seed)."})
@@ -121,12 +130,16 @@ class ShapeError(AnswerError):
     """An answer that is not one bare sentence (an introduction, a list, several sentences): maybe salvageable."""
 
 
+class EchoError(AnswerError):
+    """An answer that repeats the prompt (a review, a rating): never salvaged."""
+
+
 class BudgetExhausted(Exception):
     """The next request would take the run past its token budget."""
 
 
 class StageStop(Exception):
-    """The first requests all got the same client error: every request would, so the stage stops."""
+    """Every request of the first window got the same client error and none was answered: the stage stops."""
 
     def __init__(self, error: Exception, count: int):
         super().__init__(describe(error))
@@ -165,9 +178,8 @@ def validate_answer(text: str | None, prompt: str, max_chars: int) -> str:
         raise AnswerError("empty answer")
     if len(re.findall(r"[A-Za-z]{2,}", text)) < 4:
         raise AnswerError("answer too short to state a preference", text)
-    lines = [ln.strip() for ln in prompt.splitlines() if len(ln.strip()) > 40]
-    if re.search(r"\(\d(\.\d)? stars\)", text) or any(ln in text for ln in lines):
-        raise AnswerError("answer echoes the prompt", text)
+    if re.search(r"\(\d(\.\d)? stars\)", text) or any(ln in text or (len(text) > 40 and text in ln) for ln in prompt_lines(prompt)):
+        raise EchoError("answer echoes the prompt", text)
     if len(text) > max_chars:
         raise AnswerError(f"answer longer than {max_chars} characters", text)
     if text.endswith(":") or NUMBERED.search(text) or BULLET.match(text) or any(p.match(text) for p in INTROS):
@@ -175,6 +187,13 @@ def validate_answer(text: str | None, prompt: str, max_chars: int) -> str:
     if len(sentences(text)) > 1:
         raise ShapeError("more than one sentence", text)
     return text
+
+
+def prompt_lines(prompt: str) -> list[str]:
+    """The prompt's lines longer than 40 characters, as an answer would repeat them: a review without its "- (N stars) " or
+    "- " marker, whitespace collapsed."""
+    lines = (re.sub(r"\s+", " ", re.sub(r"^\s*-\s+(\(\d(\.\d)? stars\)\s*)?", "", ln)).strip() for ln in prompt.splitlines())
+    return [ln for ln in lines if len(ln) > 40]
 
 
 def sentences(text: str) -> list[str]:
@@ -207,9 +226,35 @@ def accept_answer(text: str | None, prompt: str, max_chars: int) -> tuple[str, b
         if sentence and sentence != error.answer:
             try:
                 return validate_answer(sentence, prompt, max_chars), True
+            except EchoError:
+                raise EchoError("answer echoes the prompt", error.answer) from None
             except AnswerError:
                 pass
         raise error from None
+
+
+def only_introduction(text: str) -> bool:
+    """Whether a paragraph is nothing but an introduction ("Here is the sentence:", "Sure!")."""
+    text = re.sub(r"\s+", " ", text).strip()
+    if text.endswith(":"):
+        return True
+    rest = text + " "
+    for _ in range(3):
+        match = next((m for m in (p.match(rest) for p in INTROS) if m), None)
+        if match is None:
+            break
+        rest = rest[match.end():]
+    return not rest.strip()
+
+
+def chat_answer(text: str | None) -> tuple[str | None, bool]:
+    """The part of a chat reply that is judged: its first paragraph, or an introduction that is a paragraph of its own and
+    the paragraph after it; and whether the reply went on after that part (then a max_tokens cut did not touch it)."""
+    paragraphs = re.split(r"\n\s*\n", (text or "").strip())
+    if not paragraphs[0]:
+        return text, False
+    used = 2 if len(paragraphs) > 1 and only_introduction(paragraphs[0]) else 1
+    return "\n".join(paragraphs[:used]), len(paragraphs) > used
 
 
 class Cache:
@@ -235,11 +280,23 @@ class Cache:
             self.entries[entry["key"]] = entry
 
 
+def request_limits(mode: str, args: PreferenceArguments) -> tuple[int, list[str]]:
+    """`max_tokens` and the stop sequences of a request in this answering mode."""
+    max_tokens = args.max_tokens or (CHAT_TOKENS if mode == "chat" else SENTENCE_TOKENS)
+    if mode == "json_schema":  # a line break may sit inside the JSON
+        return max_tokens, []
+    return max_tokens, list(args.stop) if args.stop is not None else [] if mode == "chat" else ["\n"]
+
+
 def cache_key(user: str, args: PreferenceArguments, prompt: str, mode: str = "chat") -> str:
-    request = [user, args.backend, args.base_url or "", args.model, args.system_prompt, prompt, args.max_tokens, args.stop, args.temperature,
+    if args.backend == "local":  # the keys local answers had before answering modes existed
+        limits = [args.max_tokens or SENTENCE_TOKENS, args.stop if args.stop is not None else ["\n"]]
+    else:
+        limits = list(request_limits(mode, args))
+    request = [user, args.backend, args.base_url or "", args.model, args.system_prompt, prompt, *limits, args.temperature,
                args.retry_temperature, args.response_prefix if args.backend == "local" else ""]
-    if mode != "chat":  # chat requests keep the keys they had before answering modes existed
-        request += [mode, args.response_prefix, SENTENCE_STOP, args.tokenizer or args.model]
+    if mode != "chat":
+        request += [mode, args.response_prefix, args.tokenizer or args.model]
     return hashlib.sha256(json.dumps(request).encode()).hexdigest()
 
 
@@ -294,46 +351,63 @@ class Ledger:
 
 
 class Tripwire:
-    """Until a first answer arrives, at most `window` requests go out at a time. When `needed` of them get the same client
-    error (400, 401, 403, 404, 422 with the same message), every request would: the stage stops (`stop` is set)."""
+    """No request goes out until the first `window` requests have come back (at least 2 of them: one request proves nothing).
+    When every one of those got the same client error (400, 401, 403, 404 or 422 with the same message) and none was
+    answered, the request itself is likely wrong, whichever user it is for: `stop` is set and the stage stops. Any other
+    first window, and any answer at all, opens the way for good: from then on a client error fails only its user."""
 
-    def __init__(self, window: int, needed: int):
-        self.window, self.needed, self.cond = window, needed, threading.Condition()
-        self.proven, self.started, self.in_flight, self.seen, self.stop = False, 0, 0, Counter(), None
+    def __init__(self, window: int):
+        self.window, self.cond = window, threading.Condition()
+        self.decided, self.stop = window < 2, None
+        self.started, self.in_flight, self.outcomes, self.example = 0, 0, [], None
 
     @contextmanager
     def watch(self):
         import openai
 
         with self.cond:
-            self.cond.wait_for(lambda: self.proven or self.stop is not None or self.started < self.window)
+            self.cond.wait_for(lambda: self.decided or self.started < self.window)
             if self.stop is not None:
                 raise self.stop
-            counted = not self.proven
+            counted = not self.decided
             self.started += counted
             self.in_flight += counted
+        outcome, error = "other", None
         try:
             yield
+            outcome = "answered"
         except openai.APIStatusError as e:
-            self.settle(counted, False, e if e.status_code in CLIENT_ERRORS else None)
+            if e.status_code in CLIENT_ERRORS:
+                outcome, error = (e.status_code, server_message(e)), e
             raise
-        except BaseException:
-            self.settle(counted, False)
-            raise
-        self.settle(counted, True)
+        finally:
+            if counted:
+                self.settle(outcome, error)
 
-    def settle(self, counted: bool, answered: bool, client_error=None) -> None:
+    def settle(self, outcome, error) -> None:
         with self.cond:
-            self.in_flight -= counted
-            self.proven = self.proven or answered
-            if client_error is not None and not self.proven and self.stop is None:
-                same = (client_error.status_code, server_message(client_error))
-                self.seen[same] += 1
-                if self.seen[same] >= self.needed:
-                    self.stop = StageStop(client_error, self.seen[same])
-            if self.in_flight == 0 and self.started >= self.window:
-                self.started = 0  # this window's requests failed in different ways: the next window may go
+            self.in_flight -= 1
+            self.outcomes.append(outcome)
+            self.example = self.example or error
+            if outcome == "answered":
+                self.decided = True
+            if not self.decided and self.in_flight == 0 and self.started >= self.window:
+                self.decided = True  # the first window has come back: decide once
+                if outcome != "other" and all(o == outcome for o in self.outcomes):
+                    self.stop = StageStop(self.example, len(self.outcomes))
             self.cond.notify_all()
+
+
+SECRETS: set[str] = set()  # API keys in use: redacted from every message this stage shows or stores
+
+
+def redact(text: str) -> str:
+    """The text without the API key, also where a server echoes it masked ("sk-abcd1234****wxyz")."""
+    for key in SECRETS:
+        text = text.replace(key, "[API key]")
+        if len(key) >= 16:
+            text = re.sub(r"\S*(" + re.escape(key[:8]) + "|" + re.escape(key[-6:]) + r")\S*", "[API key]", text)
+    return text
 
 
 def make_client(args: PreferenceArguments):
@@ -342,6 +416,8 @@ def make_client(args: PreferenceArguments):
     key = os.environ.get(args.api_key_env) or ("not-needed" if args.base_url else None)
     if key is None:
         raise UlmrecError(f"preferences: no API key in ${args.api_key_env}; set it or give --base_url of a local server")
+    if os.environ.get(args.api_key_env):
+        SECRETS.add(key)
     return OpenAI(base_url=args.base_url, api_key=key, timeout=args.request_timeout, max_retries=0)
 
 
@@ -397,32 +473,46 @@ def load_chat_template(args: PreferenceArguments):
                           f"({str(e)[:200]}); set --tokenizer to the served model's HF id or folder") from None
     if not tokenizer.chat_template:
         raise UlmrecError(f"preferences: the tokenizer of {name!r} has no chat template to render /v1/completions prompts; set --tokenizer")
-    return lambda messages: tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    adds_bos = bool(bos) and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+
+    def render(messages: list[dict]) -> str:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        # a template that writes `bos_token` itself, for a tokenizer that adds BOS when the server encodes the prompt: once is enough
+        return text[len(bos):] if adds_bos and text.startswith(bos) else text
+
+    return render
 
 
 def build_request(mode: str, args: PreferenceArguments, prompt: str, template=None) -> tuple[str, dict]:
     """The endpoint ('chat' or 'completion') and the body of a first request in this answering mode."""
-    body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": args.temperature}
+    max_tokens, stop = request_limits(mode, args)
+    body = {"model": args.model, "max_tokens": max_tokens, "temperature": args.temperature, **({"stop": stop} if stop else {})}
     messages = [{"role": "system", "content": args.system_prompt}, {"role": "user", "content": prompt}]
-    stop = list(args.stop) + ([SENTENCE_STOP] if mode in ("prefill", "completion") and SENTENCE_STOP not in args.stop else [])
     if mode == "completion":
-        return "completion", {**body, "prompt": template(messages) + args.response_prefix, "stop": stop}
+        return "completion", {**body, "prompt": template(messages) + args.response_prefix}
     if mode == "prefill":
-        return "chat", {**body, "messages": [*messages, {"role": "assistant", "content": args.response_prefix}], "stop": stop,
+        return "chat", {**body, "messages": [*messages, {"role": "assistant", "content": args.response_prefix}],
                         "extra_body": {"continue_final_message": True, "add_generation_prompt": False}}
-    if mode == "json_schema":  # no stop sequences: a line break may sit inside the JSON
+    if mode == "json_schema":
         return "chat", {**body, "messages": messages, "response_format": ANSWER_SCHEMA}
-    return "chat", {**body, "messages": messages, **({"stop": stop} if stop else {})}
+    return "chat", {**body, "messages": messages}
+
+
+def cut_at_stop(text: str | None, stops: list[str]) -> str | None:
+    """The text before the first stop sequence, as the OpenAI API returns it; `transformers serve` (5.24) returns the stop
+    sequence and the rest of its last token too."""
+    found = [text.find(stop) for stop in stops if stop and text and stop in text]
+    return text[:min(found)] if found else text
 
 
 def continued(prefix: str, text: str | None) -> str:
-    """The prefilled start and the server's continuation as one answer (a few servers echo the start)."""
-    text = text or ""
+    """The prefilled start and the server's continuation as one answer (a few servers echo the start); nothing is added."""
+    if not (text or "").strip():
+        raise AnswerError("empty answer", text or None)
     if text.lstrip().startswith(prefix):
-        joined = text.strip()
-    else:
-        joined = f"{prefix}{'' if not text or text[0].isspace() or text[0] in ',.;:!?' else ' '}{text}".strip()
-    return joined + "." if joined[-1:].isalnum() else joined  # not every server returns the sentence stop itself
+        return text.strip()
+    return f"{prefix}{'' if text[0].isspace() or text[0] in ',.;:!?' else ' '}{text}".strip()
 
 
 def json_preference(text: str | None) -> str:
@@ -439,7 +529,7 @@ class OpenAIBackend:
     def __init__(self, args: PreferenceArguments, stats: Counter, ledger: Ledger, mode: str = "chat", jobs: int = 1):
         self.args, self.stats, self.ledger, self.lock, self.mode = args, stats, ledger, threading.Lock(), mode
         self.throttle = Throttle(args.concurrency)
-        self.tripwire = Tripwire(args.concurrency, max(1, min(2, args.concurrency, jobs)))
+        self.tripwire = Tripwire(min(max(2, args.concurrency), jobs))
         self.client = make_client(args)
         self.template = load_chat_template(args) if mode == "completion" else None
 
@@ -453,7 +543,7 @@ class OpenAIBackend:
         endpoint, body = build_request(self.mode, a, prompt, self.template)
         if retry_invalid:
             body.update(temperature=a.retry_temperature, seed=a.seed + attempt)
-        estimate = (len(prompt) + len(a.system_prompt)) // 3 + 32 + a.max_tokens  # generous: English runs ~4 characters a token
+        estimate = (len(prompt) + len(a.system_prompt)) // 3 + 32 + body["max_tokens"]  # generous: English runs ~4 characters a token
         self.ledger.reserve(estimate)
         used = 0
         try:
@@ -468,29 +558,46 @@ class OpenAIBackend:
             choice = response.choices[0] if response.choices else None
             if choice is None:
                 return None, None
-            return (choice.text if endpoint == "completion" else choice.message.content), choice.finish_reason
+            text = choice.text if endpoint == "completion" else choice.message.content
+            return cut_at_stop(text, body.get("stop") or []), choice.finish_reason
         finally:
             self.ledger.settle(estimate, used)
 
-    def answer(self, text: str | None) -> str | None:
-        return continued(self.args.response_prefix, text) if self.mode in ("prefill", "completion") else text
+    def shown(self, text: str | None) -> str | None:
+        """The reply as the model wrote it (after the prefilled start, in prefill and completion modes); None when blank."""
+        if not (text or "").strip():
+            return None
+        return continued(self.args.response_prefix, text) if self.mode in ("prefill", "completion") else text.strip()
+
+    def judged(self, text: str | None, shown: str | None, finish: str | None) -> str | None:
+        """The part of the reply that is judged as the answer; raises AnswerError when a max_tokens cut reached it."""
+        if self.mode in ("prefill", "completion"):
+            if shown is None:
+                raise AnswerError("empty answer")
+            parts = sentences(shown)  # one sentence: the server no longer stops at ". ", which "D.R." or "e.g." hold
+            part, went_on = parts[0], len(parts) > 1
+        elif self.mode == "chat":
+            part, went_on = chat_answer(text)
+        else:
+            part, went_on = text, False
+        if finish == "length" and not went_on:
+            raise AnswerError(f"answer cut off at max_tokens={request_limits(self.mode, self.args)[0]}", shown)
+        return json_preference(text) if self.mode == "json_schema" else part
 
     def ask(self, prompt: str) -> tuple[str, str | None]:
         """One user's sentence and, when it was salvaged, the answer it came from. Raises UserFailure when the retries run
         out, StageStop when the first requests all got the same client error."""
         import openai
 
-        a, retry_invalid, invalid, last_answer = self.args, False, 0, None
+        a, retry_invalid, invalid, last_answer, previous = self.args, False, 0, None, None
         for attempt in range(a.max_retries + a.invalid_retries + 1):
-            wait, reason = 0.0, None
+            wait, reason, shown = 0.0, None, None
             try:
                 text, finish = self.request(prompt, attempt, retry_invalid)
-                answer = self.answer(text)
-                if finish == "length":
-                    raise AnswerError(f"answer cut off at max_tokens={a.max_tokens}", answer)
-                sentence, salvaged = accept_answer(json_preference(answer) if self.mode == "json_schema" else answer, prompt, a.max_chars)
+                shown = self.shown(text)
+                sentence, salvaged = accept_answer(self.judged(text, shown, finish), prompt, a.max_chars)
                 self.throttle.answered()
-                return sentence, (answer if salvaged else None)
+                return sentence, (shown if salvaged else None)
             except openai.RateLimitError as e:
                 error, reason, wait = e, "rate_limit", retry_after(e.response) or 0.0
             except openai.APITimeoutError as e:
@@ -506,7 +613,12 @@ class OpenAIBackend:
                 error, reason = e, "connection" if isinstance(e, openai.APIConnectionError) else "malformed_response"
             except AnswerError as e:
                 error, reason, retry_invalid, invalid = e, f"invalid: {e}", True, invalid + 1
-                last_answer = e.answer or last_answer
+                last_answer = shown or e.answer or last_answer
+                if (str(e), shown) == previous:  # the server ignores temperature and seed: more retries buy the same answer
+                    self.count("identical_answers")
+                    raise UserFailure(f"{describe(e)} (the same answer came back to a retry with another temperature and seed, so it "
+                                      f"was not asked again)", last_answer, remember=True) from None
+                previous = (str(e), shown)
             if invalid > a.invalid_retries or attempt - invalid >= a.max_retries:  # the answers, not the server: remembered
                 raise UserFailure(describe(error), last_answer, remember=isinstance(error, AnswerError))
             self.count(f"retries[{reason}]")
@@ -545,23 +657,27 @@ def flat(value) -> str:
 
 
 def describe(error: Exception) -> str:
-    """The error's kind, HTTP status and the server's own message."""
+    """The error's kind, HTTP status and the server's own message (without the API key, which some proxies echo)."""
     status = getattr(error, "status_code", None)
     message = server_message(error) if status else str(error)
     name = "AnswerError" if isinstance(error, AnswerError) else type(error).__name__
-    return f"{name}{f' {status}' if status else ''}: {message[:KEEP_CHARS]}"
+    return f"{name}{f' {status}' if status else ''}: {redact(message)[:KEEP_CHARS]}"
 
 
 def stop_message(stop: StageStop, backend: OpenAIBackend, why: str) -> str:
     """The end of a stage stopped by a client error: the server's message, and what to change."""
     args, status = backend.args, stop.error.status_code
-    parts = [f"preferences: the first requests all got the same error, so every request would; stopped after {backend.stats['requests']} "
-             f"requests. {describe(stop.error)}"]
+    parts = [f"preferences: stopped after {backend.stats['requests']} requests: all {stop.count} requests of the first window got the same "
+             f"error and none was answered, which points at the request itself (model name, API key, endpoint or an option) rather "
+             f"than at single users. {describe(stop.error)}"]
     if status in (401, 403):
         parts.append(f"Check the API key in ${args.api_key_env} and --base_url")
     ids = [i for i, _ in served_models(backend.client)] if status not in (401, 403) else []
     if ids and args.model not in ids:
         parts.append(f"--model {args.model!r} is not among the models the server offers (GET /v1/models): {', '.join(ids[:20])}")
+    elif status in (400, 413, 422):
+        parts.append("If the message is about these users' prompts (too long for the model's context, say), a smaller "
+                     "--review_token_budget shortens every prompt")
     if backend.mode != "chat" and why != "set by answer_mode":
         parts.append(f"The answering mode was {backend.mode} ({why}); --answer_mode chat sends plain chat requests")
     return ". ".join(part.rstrip(".") for part in parts)
@@ -626,7 +742,7 @@ def run_local(jobs: list[dict], args: PreferenceArguments, cache: Cache, stats: 
         texts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + args.response_prefix for c in chats]
         enc = tokenizer(texts, return_tensors="pt", padding=True)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=args.max_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            out = model.generate(**enc, max_new_tokens=args.max_tokens or SENTENCE_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         stats["prompt_tokens"] += int(enc["attention_mask"].sum())
         for job, ids in zip(batch, out[:, enc["input_ids"].shape[1]:]):
             stats["completion_tokens"] += int((ids != tokenizer.pad_token_id).sum())
@@ -723,7 +839,8 @@ def main(stage: StageArguments, args: PreferenceArguments) -> Path:
     if failures:
         listed = "; ".join(f"{u}: {failure_record(r)['reason']}" for u, r in list(failures.items())[:10])
         raise UlmrecError(f"{len(failures)} of {len(users)} users have no preference (each with its reason and last rejected answer in "
-                          f"{out / 'failures.json'}): {listed}. To go on: {how_to_go_on(args)}")
+                          f"{out / 'failures.json'}): {listed}. To go on: "
+                          f"{how_to_go_on(args, out, run.cache('preferences', 'responses.jsonl') if args.backend in ('openai', 'local') else None)}")
     run.finish("preferences", {"summary": summary})
     return out
 
@@ -732,13 +849,17 @@ def failure_record(failure) -> dict:
     return failure if isinstance(failure, dict) else {"reason": failure}
 
 
-def how_to_go_on(args: PreferenceArguments) -> str:
-    fallback = ("or set `fallback: offline-keywords` in the recipe's preferences section (--fallback offline-keywords) to give them "
-                "labelled keyword sentences")
+def how_to_go_on(args: PreferenceArguments, out: Path, cache: Path | None) -> str:
+    fallback = ("--fallback offline-keywords (`fallback: offline-keywords` in the recipe's preferences section) gives them labelled "
+                "keyword sentences")
+    overwrite = (f"a changed setting needs --overwrite, which deletes only {out} (the stage's output, rebuilt from the cache)")
     if args.backend == "import":
-        return f"add them to {args.import_file}, {fallback}"
-    return (f"rerun with --retry_failed true to ask them again (stored answers are not asked again; another --answer_mode, "
-            f"--model or prompt may do better), {fallback}")
+        return f"add them to {args.import_file} and rerun with --overwrite, or rerun with --overwrite and {fallback}"
+    other = "--answer_mode, --model or prompt" if args.backend == "openai" else "--model or prompt"
+    return (f"rerun with --retry_failed true to ask only them again (no --overwrite needed); or rerun with --overwrite and another "
+            f"{other}, which may answer them, or with {fallback}. {overwrite}: the answer cache {cache} stays, "
+            f"so every user whose answer is stored for this model and prompt (in any answering mode) is read back, not asked or paid "
+            f"for again")
 
 
 def summarize(args, source, users, rows, failures, stopped, stats: Counter, seconds: float) -> dict:
@@ -748,11 +869,13 @@ def summarize(args, source, users, rows, failures, stopped, stats: Counter, seco
             "users": len(users), "done": len(rows), "failed": len(failures), "not_asked_budget": len(stopped),
             "cached": stats["cached"], "cached_failures": stats["cached_failures"], "answered": stats["answered"], "requests": stats["requests"],
             "prompt_tokens": stats["prompt_tokens"], "completion_tokens": stats["completion_tokens"],
-            "retries": retries, "retries_total": sum(retries.values()), "fallbacks": stats["fallbacks"], "salvaged": stats["salvaged"],
+            "retries": retries, "retries_total": sum(retries.values()), "identical_answers": stats["identical_answers"],
+            "fallbacks": stats["fallbacks"], "salvaged": stats["salvaged"],
             "answer_mode": stats.get("answer_mode"), "answer_mode_source": stats.get("answer_mode_source"),
             "answers_by_mode": {k[len("answers_by_mode["):-1]: v for k, v in stats.items() if k.startswith("answers_by_mode[")},
             "invalid_answer_retry": {"temperature": args.retry_temperature, "seed": f"{args.seed} + attempt"},
-            "max_tokens": args.max_tokens, "token_budget": args.token_budget, "lowest_concurrency": stats.get("lowest_concurrency"),
+            "max_tokens": request_limits(stats.get("answer_mode") or "chat", args)[0] if args.backend == "openai" else args.max_tokens or SENTENCE_TOKENS,
+            "token_budget": args.token_budget, "lowest_concurrency": stats.get("lowest_concurrency"),
             "wall_time_s": round(seconds, 2), "users_per_s": round(stats["answered"] / max(seconds, 1e-9), 3)}
 
 
@@ -779,7 +902,8 @@ def llm_backend(users, titles, args, run: RunDir, stats, failures, has_reviews) 
     if args.input == "reviews" and not has_reviews:
         raise UlmrecError("preferences: this data set has no review text; use --input titles, or the import backend")
     cache = Cache(run.cache("preferences", "responses.jsonl"))
-    modes = (ANSWER_MODES[1:] if args.answer_mode == "auto" else [args.answer_mode]) if args.backend == "openai" else ["chat"]
+    # stored answers count in whichever mode they were made (the recipe's mode first): another --answer_mode re-asks no one answered
+    modes = sorted(ANSWER_MODES[1:], key=lambda m: m != args.answer_mode) if args.backend == "openai" else ["chat"]
     prompts, cuts, keys, chosen, pending = {}, {}, {}, {}, []
     for u in users:
         text, cuts[u["user"]] = user_text(u, args.input, titles, args.review_token_budget * 4)
@@ -819,5 +943,6 @@ def llm_backend(users, titles, args, run: RunDir, stats, failures, has_reviews) 
             results[user] = {"preference": entry["preference"], "cut": cut, **({"salvaged": True} if entry.get("salvaged") else {})}
             stats["salvaged"] += bool(entry.get("salvaged"))
             if args.backend == "openai":
+                results[user]["answer_mode"] = entry.get("mode", "chat")
                 stats[f"answers_by_mode[{entry.get('mode', 'chat')}]"] += 1
     return results, stopped, args.base_url or args.model

@@ -5,9 +5,7 @@ chronological sequences, leave-one-out split. Ids are assigned from sorted origi
 same input always gives the same ids and byte-identical datasets.
 """
 
-import ast
 import hashlib
-import html
 import json
 import logging
 import re
@@ -16,138 +14,34 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import StageArguments, UlmrecError, read_text, settings_of, text_lines, write_json
+from .common import StageArguments, UlmrecError, read_text, settings_of, write_json
 from .layout import RunDir
+from .records import SIGNALS, SkipLog, clean_title, count_stats, read_reviews, read_titles
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "amazon2014", "amazon2018", "amazon2023", "llamarec")
-SIGNALS = ("ratings", "timestamps", "reviews", "summaries")
+ENGINES = ("duckdb", "spark", "python")
 # Field names of the raw review and meta records, per format.
-FIELDS = {
-    "amazon2014": dict(user="reviewerID", item="asin", rating="overall", text="reviewText", summary="summary", time="unixReviewTime"),
-    "amazon2023": dict(user="user_id", item="parent_asin", rating="rating", text="text", summary="title", time="timestamp"),
-}
-FIELDS["amazon2018"] = FIELDS["amazon2014"]
-META_ITEM = {"amazon2014": "asin", "amazon2018": "asin", "amazon2023": "parent_asin"}
 
 
 @dataclass
 class PrepareArguments:
     _argument_group_name = "prepare"
-    _operational = ('input', 'meta_file')  # fields that do not change the output (left out of the recorded settings)
+    _operational = ('input', 'meta_file', 'engine', 'memory_limit', 'temp_directory', 'spark_master')  # fields that do not change the output (left out of the recorded settings)
     input: str = field(default=None, metadata={"help": "A review file, a LlamaRec dataset.json, or a folder holding them (its content, not its path, is a setting)."})
     input_format: str = field(default="auto", metadata={"help": "Format of the input.", "choices": list(FORMATS)})
     meta_file: str | None = field(default=None, metadata={"help": "Item metadata file (found next to the reviews if unset)."})
     titles: str = field(default="required", metadata={"help": "'required' drops items without a title; 'optional' keeps them (review-only work).", "choices": ["required", "optional"]})
     min_interactions: int = field(default=5, metadata={"help": "k of the iterative k-core filter on users and items."})
     dataset_name: str | None = field(default=None, metadata={"help": "Name used in the dataset card (default: from the file name)."})
+    engine: str = field(default="duckdb", metadata={"help": "Engine for raw review files: 'duckdb' (embedded, out of core), 'spark' (pyspark, local or a cluster) or 'python' (the reference reader, all rows in memory). All give the same datasets; a LlamaRec dataset.json is always read in Python.", "choices": list(ENGINES)})
+    memory_limit: str = field(default="2GB", metadata={"help": "DuckDB's memory limit (it spills to temp_directory beyond it); the driver memory of a local Spark."})
+    temp_directory: str | None = field(default=None, metadata={"help": "Folder for spilled and intermediate data (default: the system's temp folder); for a Spark cluster, a path the driver and executors share."})
+    spark_master: str = field(default="local[*]", metadata={"help": "Spark master URL for --engine spark, e.g. spark://host:7077 or yarn."})
 
 
 ARGUMENTS = (StageArguments, PrepareArguments)
-
-
-class SkipLog:
-    """Counts skipped rows by reason and keeps a few `file:line` examples of each."""
-
-    def __init__(self, examples: int = 5):
-        self.counts = Counter()
-        self.examples = defaultdict(list)
-        self.max_examples = examples
-
-    def add(self, reason: str, where: str) -> None:
-        self.counts[reason] += 1
-        if len(self.examples[reason]) < self.max_examples:
-            self.examples[reason].append(where)
-        if self.counts[reason] <= 3:
-            logger.warning("skipped row (%s) at %s", reason, where)
-
-    def as_dict(self) -> dict:
-        return {"counts": dict(sorted(self.counts.items())), "examples": dict(sorted(self.examples.items()))}
-
-
-def clean_title(title) -> str | None:
-    """Unescape HTML entities and normalise whitespace; None when nothing usable is left."""
-    if not isinstance(title, str):
-        return None
-    title = re.sub(r"\s+", " ", html.unescape(title)).strip()
-    return title or None
-
-
-def iter_lines(path: Path):
-    """Yield (line_number, text) of non-empty lines; bad bytes, a truncated or a corrupt gzip are clear errors."""
-    for n, line in text_lines(path):
-        if line.strip():
-            yield n, line
-
-
-def parse_record(line: str, skips: SkipLog, where: str, counter: Counter) -> dict | None:
-    """JSON first; the 2014 meta files hold Python literals, which `ast.literal_eval` reads safely."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError:
-        try:
-            record = ast.literal_eval(line.strip())
-            counter["python_literal_lines"] += 1
-        except (ValueError, SyntaxError, MemoryError, RecursionError):
-            skips.add("malformed_line", where)
-            return None
-    if not isinstance(record, dict):
-        skips.add("not_an_object", where)
-        return None
-    return record
-
-
-def read_reviews(path: Path, fmt: str, skips: SkipLog, notes: Counter) -> list[dict]:
-    f = FIELDS[fmt]
-    rows = []
-    for n, line in iter_lines(path):
-        where = f"{path}:{n}"
-        rec = parse_record(line, skips, where, notes)
-        if rec is None:
-            continue
-        missing = [f[k] for k in ("user", "item") if not rec.get(f[k])]
-        if missing:
-            skips.add(f"missing_field:{missing[0]}", where)
-            continue
-        rating = rec.get(f["rating"])
-        ts = rec.get(f["time"])
-        if ts is not None:
-            try:
-                ts = int(ts) // 1000 if fmt == "amazon2023" else int(ts)  # 2023 times are milliseconds
-            except (TypeError, ValueError):
-                skips.add(f"bad_field:{f['time']}", where)
-                continue
-        if rating is not None:
-            try:
-                rating = float(rating)
-            except (TypeError, ValueError):
-                skips.add(f"bad_field:{f['rating']}", where)
-                continue
-        text = rec.get(f["text"])
-        if not isinstance(text, str) or not text.strip():
-            notes["empty_review_text"] += 1
-            text = ""
-        rows.append(dict(user=str(rec[f["user"]]), item=str(rec[f["item"]]), rating=rating, timestamp=ts,
-                         review=text, summary=rec.get(f["summary"]) or "", order=len(rows)))
-    if not rows:
-        raise UlmrecError(f"{path}: no usable review rows ({sum(skips.counts.values())} skipped: {dict(skips.counts)})")
-    return rows
-
-
-def read_titles(path: Path, fmt: str, wanted: set[str], skips: SkipLog, notes: Counter) -> dict[str, str | None]:
-    key = META_ITEM[fmt]
-    titles = {}
-    for n, line in iter_lines(path):
-        rec = parse_record(line, skips, f"{path}:{n}", notes)
-        if rec is None:
-            continue
-        if not rec.get(key):
-            skips.add(f"meta_missing_field:{key}", f"{path}:{n}")
-            continue
-        if rec[key] in wanted and rec[key] not in titles:
-            titles[rec[key]] = clean_title(rec.get("title"))
-    return titles
 
 
 def k_core(rows: list[dict], k: int) -> tuple[list[dict], int]:
@@ -295,15 +189,7 @@ def leave_one_out(items: list[int]) -> tuple[list[int], int, int]:
 
 
 def table_stats(users: list[dict], n_items: int) -> dict:
-    n_users = len(users)
-    n_inter = sum(len(u["items"]) for u in users)
-    return {
-        "users": n_users,
-        "items": n_items,
-        "interactions": n_inter,
-        "avg_length": round(n_inter / n_users, 4),
-        "sparsity": round(1 - n_inter / (n_users * n_items), 6),
-    }
+    return count_stats(len(users), n_items, sum(len(u["items"]) for u in users))
 
 
 def build_datasets(users: list[dict], items: dict, fingerprint: str):
@@ -329,13 +215,19 @@ def main(stage: StageArguments, args: PrepareArguments) -> Path:
     out, start = run.path("prepare"), time.time()
     logger.info("prepare: reading %s (%s)%s", reviews, fmt, f" with titles from {meta}" if meta else "")
     skips, notes = SkipLog(), Counter()
-    if fmt == "llamarec":
-        users, items, signals = from_llamarec(reviews, notes)
-    else:
-        users, items, signals = from_raw(fmt, reviews, meta, args, skips, notes)
     fingerprint = hashlib.sha256((digest + json.dumps(settings_of(args), sort_keys=True)).encode()).hexdigest()[:16]
-    build_datasets(users, items, fingerprint).save_to_disk(str(out))
-    stats = table_stats(users, len(items["item_id"]))
+    if fmt != "llamarec" and args.engine != "python":
+        from .prepare_sql import prepare_raw
+
+        logger.info("prepare: engine %s", args.engine)
+        stats, signals = prepare_raw(fmt, reviews, meta, args, skips, notes, out, fingerprint)
+    else:
+        if fmt == "llamarec":
+            users, items, signals = from_llamarec(reviews, notes)
+        else:
+            users, items, signals = from_raw(fmt, reviews, meta, args, skips, notes)
+        build_datasets(users, items, fingerprint).save_to_disk(str(out))
+        stats = table_stats(users, len(items["item_id"]))
     stats.update({
         "source": {"format": fmt, "reviews": str(reviews), "meta": str(meta) if meta else None},
         "signals": signals,

@@ -1,5 +1,7 @@
-"""Hub sharing: the adapter (LoRA + index-token rows only) with its tokenizer and model card to a model repo; data,
-user index and preferences (parquet, with a dataset card) to a dataset repo. `--dry_run` writes the exact folders."""
+"""Hub sharing: the adapter (LoRA + index-token rows only) with its tokenizer and model card to a model repo, and/or the
+full model `ulmrec export` wrote to another; data, user index and preferences (parquet, with a dataset card) to a
+dataset repo. The model cards name the repository ids used here, link the dataset repo and carry the test results
+(`model-index`) once `ulmrec evaluate` has run. `--dry_run` writes the exact folders."""
 
 import logging
 import shutil
@@ -18,6 +20,8 @@ MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.js
 class PushArguments:
     _argument_group_name = "push"
     model_repo: str | None = field(default=None, metadata={"help": "Hub model repo for the adapter, e.g. you/ulmrec-beauty."})
+    export_repo: str | None = field(default=None, metadata={"help": "Hub model repo for the full model `ulmrec export` wrote (instead of or besides the adapter), e.g. you/ulmrec-beauty-merged."})
+    export_dir: str | None = field(default=None, metadata={"help": "The export folder to upload (default: <run_dir>/export)."})
     dataset_repo: str | None = field(default=None, metadata={"help": "Hub dataset repo for data, index and preferences."})
     dry_run: bool = field(default=False, metadata={"help": "Only write the folders that would be uploaded (run_dir/push/)."})
     private: bool = field(default=False, metadata={"help": "Create private repos."})
@@ -26,12 +30,35 @@ class PushArguments:
 ARGUMENTS = (RunArguments, PushArguments)
 
 
-def model_folder(run: RunDir, dest: Path) -> Path:
+def model_folder(run: RunDir, dest: Path, repo: str | None, dataset_repo: str | None) -> Path:
+    from .train import run_card
+
     ranker = run.require("train")
     dest.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
         if (ranker / name).exists():
             shutil.copy2(ranker / name, dest / name)
+    run_card(run, repo_id=repo, dataset_repo=dataset_repo).save(dest / "README.md")
+    return dest
+
+
+def export_folder(run: RunDir, source: Path, dest: Path, repo: str | None, dataset_repo: str | None) -> Path:
+    """The export's files (hard links where the file system allows: a 7B export is 13 GB) with a card naming `repo`."""
+    import os
+
+    from .export import EXPORT_FILE, card_export
+    from .train import run_card
+
+    if not (source / EXPORT_FILE).exists():
+        raise UlmrecError(f"push: {source} holds no export ({EXPORT_FILE}); run `ulmrec export --run_dir {run.root}` first")
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        if path.is_file() and path.name != "README.md":
+            try:
+                os.link(path, dest / path.name)
+            except OSError:
+                shutil.copy2(path, dest / path.name)
+    run_card(run, repo_id=repo, dataset_repo=dataset_repo, export=card_export(read_json(source / EXPORT_FILE))).save(dest / "README.md")
     return dest
 
 
@@ -96,18 +123,25 @@ def upload(folder: Path, repo: str, repo_type: str, private: bool) -> str:
 
 def main(run_args: RunArguments, args: PushArguments) -> Path:
     run = RunDir(run_args.run_dir)
-    if not args.dry_run and not (args.model_repo or args.dataset_repo):
-        raise UlmrecError("push: give --model_repo and/or --dataset_repo, or --dry_run")
+    if not args.dry_run and not (args.model_repo or args.export_repo or args.dataset_repo):
+        raise UlmrecError("push: give --model_repo, --export_repo and/or --dataset_repo, or --dry_run")
+    source = Path(args.export_dir) if args.export_dir else run.root / "export"
     if run.push.exists():
         shutil.rmtree(run.push)
-    model_dir = model_folder(run, run.push / "model")
+    model_dir = model_folder(run, run.push / "model", args.model_repo, args.dataset_repo)
+    export = None
+    if args.export_repo or args.export_dir or (args.dry_run and source.exists()):
+        export = export_folder(run, source, run.push / "export", args.export_repo, args.dataset_repo)
     data_dir = dataset_folder(run, run.push / "dataset")
     size = (model_dir / "adapter_model.safetensors").stat().st_size / 1e6
     if args.dry_run:
-        print(f"dry run: model folder {model_dir} (adapter {size:.2f} MB), dataset folder {data_dir}")
+        print(f"dry run: model folder {model_dir} (adapter {size:.2f} MB)" + (f", export folder {export}" if export else "")
+              + f", dataset folder {data_dir}")
         return run.push
     if args.model_repo:
         print(f"model: {upload(model_dir, args.model_repo, 'model', args.private)}")
+    if args.export_repo:
+        print(f"export: {upload(export, args.export_repo, 'model', args.private)}")
     if args.dataset_repo:
         print(f"dataset: {upload(data_dir, args.dataset_repo, 'dataset', args.private)}")
     return run.push

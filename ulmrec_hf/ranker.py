@@ -24,12 +24,18 @@ def base_model(model):
 
 
 def letter_rows(model, letter_ids: list[int]):
-    """The LM-head rows of the answer letters (letters are never added tokens, so base rows are exact)."""
+    """The LM-head rows of the answer letters in float32 (letters are never added tokens, so base rows are exact); a
+    bitsandbytes 4-bit head is dequantised first."""
     head = base_model(model).get_output_embeddings()
     weight = getattr(head, "base_layer", head).weight
-    if weight.dim() != 2 or weight.shape[0] < max(letter_ids) + 1:  # e.g. a 4-bit packed head
-        return None
-    return weight[letter_ids]
+    if getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes as bnb
+
+        weight = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+    if weight.dim() != 2 or weight.shape[0] < max(letter_ids) + 1:
+        raise UlmrecError(f"the LM head of {type(base_model(model)).__name__} has no row per token (shape {tuple(weight.shape)}); "
+                          "the verbalizer needs the answer letters' rows")
+    return weight[letter_ids].float()
 
 
 def last_hidden(model, input_ids, attention_mask, prefix=None):
@@ -67,12 +73,8 @@ def score_batch(model, input_ids, attention_mask, letter_ids: list[int], prefix=
     import torch
 
     rows = letter_rows(model, letter_ids)
-    if rows is None:  # a head without plain rows (e.g. 4-bit packed): the full head at the last position only
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, logits_to_keep=1).logits[:, -1]
-        return logits[:, letter_ids].float()
     hidden = last_hidden(model, input_ids, attention_mask, prefix)
-    return torch.nn.functional.linear(hidden.float(), rows.float())
+    return torch.nn.functional.linear(hidden.float(), rows)
 
 
 def shared_prefix(model, token_lists: list[list[int]], min_tokens: int = 8):
@@ -82,7 +84,7 @@ def shared_prefix(model, token_lists: list[list[int]], min_tokens: int = 8):
     first, length = token_lists[0], min(len(t) for t in token_lists) - 1
     for ids in token_lists[1:]:
         length = next((i for i in range(length) if ids[i] != first[i]), length)
-    if length < min_tokens or letter_rows(model, [0]) is None:
+    if length < min_tokens:
         return None
     device = next(model.parameters()).device
     out = base_model(model).get_decoder()(input_ids=torch.tensor([first[:length]], device=device), use_cache=True)
@@ -148,10 +150,10 @@ def naive_scores(model, tokenizer, prompts: list[str], letter_ids: list[int]) ->
 
 def compute_metrics(eval_pred) -> dict:
     """Validation metrics for checkpoint selection, under the one tie rule (`metrics.TIE_RULE`)."""
-    from .metrics import gold_ranks, metrics_from_ranks, tied_gold
+    from .metrics import score_metrics
 
-    scores, gold = np.asarray(eval_pred.predictions), np.asarray(eval_pred.label_ids).astype(int)
-    return {**metrics_from_ranks(gold_ranks(scores, gold).tolist(), ks=(1, 5, 10)), "tied_gold_users": tied_gold(scores, gold)}
+    out = score_metrics(eval_pred.predictions, eval_pred.label_ids, ks=(1, 5, 10))
+    return {**out["rank"], "tied_gold_users": out["tied_gold_users"]}
 
 
 def disable_cpu_repack(model) -> None:
@@ -199,12 +201,12 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False):
+def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False, merge_dtype: str = "bfloat16"):
     """(model, tokenizer, config) of a trained ranker folder (PEFT adapter + tokenizer + ranker_config.json).
 
-    `merge=True` loads the base in bf16 (whatever it was trained on) and merges the adapter into it: faster on GPUs,
-    but a different model from the one validation selected when training used 4-bit; `evaluate --merge_adapter`
-    records how far the two agree."""
+    `merge=True` loads the base in `merge_dtype` (bf16 by default, whatever it was trained on) and merges the adapter
+    (LoRA and index-token rows) into it: faster on GPUs, but a different model from the one validation selected when
+    training used 4-bit; `evaluate --merge_adapter` and `export` record how far the two agree."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -215,12 +217,12 @@ def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False
     tokenizer = AutoTokenizer.from_pretrained(ranker_dir)
     tokenizer.padding_side = "left"
     device = device or default_device()
-    quantization, dtype = ("none", "bfloat16") if merge else (config.get("quantization", "none"), config.get("dtype", "float32"))
+    quantization, dtype = ("none", merge_dtype) if merge else (config.get("quantization", "none"), config.get("dtype", "float32"))
     base = load_base(config["base_model"], quantization, dtype, device, len(tokenizer), config.get("double_quantization", True))
     model = PeftModel.from_pretrained(base, ranker_dir)
     if merge:
         model = model.merge_and_unload()
-    config = {**config, "loaded_as": "merged-bfloat16" if merge else f"as trained ({quantization}, {dtype})"}
+    config = {**config, "loaded_as": f"merged-{dtype}" if merge else f"as trained ({quantization}, {dtype})"}
     return model.eval(), tokenizer, config
 
 

@@ -84,6 +84,9 @@ def model_module(model):
     return getattr(model, "module", model)
 
 
+TIE_RULE = "an equal score ranks the lower item id first, in a user's rank and the stored top-k alike"
+
+
 def score_users(model, pairs, args: RetrieveArguments, torch, device, progress: str | None = None, top: bool = True):
     """Top-k candidates, their scores and the target's rank (1-based, over all items) for each pair.
 
@@ -284,7 +287,7 @@ def write_candidates(model, sequences, user_ids, args: RetrieveArguments, run: R
 
 def main(stage: StageArguments, args: RetrieveArguments) -> Path:
     run = RunDir(stage.run_dir)
-    if not run.begin("retrieve", settings_of(args), stage.overwrite, inputs=("prepare",)):
+    if not run.begin("retrieve", {**settings_of(args), "ranking": TIE_RULE}, stage.overwrite, inputs=("prepare",)):
         return run.path("retrieve")
     data = run.prepared()
     start = time.time()
@@ -293,7 +296,7 @@ def main(stage: StageArguments, args: RetrieveArguments) -> Path:
     if accelerator.is_main_process:
         metrics = write_candidates(load_retriever(run).to(accelerator.device), sequences, user_ids, args, run)
         summary = {
-            "retriever": args.retriever, "mask_history": args.mask_history, "selection": "best validation recall@20",
+            "retriever": args.retriever, "mask_history": args.mask_history, "selection": "best validation recall@20", "ties": TIE_RULE,
             "num_candidates": args.num_candidates, "best_step": state["best_step"], "steps": state["step"],
             "resumed_from": state["resumed_from"],
             "epochs": round(state["step"] * args.batch_size * accelerator.num_processes / max(1, len(training_rows(sequences, args.max_len))), 2),

@@ -39,7 +39,8 @@ STAGES = {
     "evaluate": ("evaluate", "Validation and test metrics (rank and overall), fused, uid-only and retriever rows."),
     "recommend": ("recommend", "Ranked recommendations for users of a finished run."),
     "explain": ("explain", "Generate the preference the model associates with a user index."),
-    "push": ("push", "Upload the adapter and the data/index/preferences to the Hub (or --dry_run)."),
+    "export": ("export", "A full model directory for servers: the base with the LoRA merged, index tokens in place."),
+    "push": ("push", "Upload the adapter and/or the export and the data/index/preferences to the Hub (or --dry_run)."),
 }
 PIPELINE = ["prepare", "retrieve", "preferences", "index", "tasks", "train", "evaluate"]
 SHARED = ("run_dir", "seed", "model_name_or_path", "overwrite")

