@@ -196,34 +196,8 @@ def test_another_tokenizer_than_the_tasks_one_is_an_error(tmp_path, tasks_run, t
         run_stage("train", train_flags(tasks_run, "--model_name_or_path", str(other)))
 
 
-def test_an_interrupted_run_resumes_from_its_checkpoint_and_says_so(tasks_run, train_flags, monkeypatch, caplog):
-    real = train_mod.make_trainer_class
-
-    def interrupting():
-        cls = real()
-
-        class Interrupted(cls):
-            def training_step(self, *args, **kwargs):
-                if self.state.global_step == 3:
-                    raise KeyboardInterrupt
-                return super().training_step(*args, **kwargs)
-
-        return Interrupted
-
-    monkeypatch.setattr(train_mod, "make_trainer_class", interrupting)
-    with pytest.raises(KeyboardInterrupt):
-        run_stage("train", train_flags(tasks_run))
-    assert (tasks_run / "ranker" / "checkpoints" / "checkpoint-2").exists()
-    monkeypatch.setattr(train_mod, "make_trainer_class", real)
-    with caplog.at_level("INFO"):
-        run_stage("train", train_flags(tasks_run))
-    metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
-    assert metrics["resumed_at_step"] == 2 and metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
-    assert "resuming from" in caplog.text and "checkpoint-2 (step 2)" in caplog.text
-    assert metrics["untrained"] is not None  # measured before the interruption, read back
-
-
-def test_a_resume_without_the_untrained_scores_measures_them_first(tasks_run, train_flags, monkeypatch):
+def interrupt_at_step_3(tasks_run, train_flags, monkeypatch):
+    """Train until the step after the checkpoint at step 2, then stop as a kill would; the real trainer is put back."""
     real = train_mod.make_trainer_class
 
     def interrupting():
@@ -238,9 +212,24 @@ def test_a_resume_without_the_untrained_scores_measures_them_first(tasks_run, tr
     monkeypatch.setattr(train_mod, "make_trainer_class", interrupting)
     with pytest.raises(KeyboardInterrupt):
         run_stage("train", train_flags(tasks_run))
+    monkeypatch.setattr(train_mod, "make_trainer_class", real)
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_says_so(tasks_run, train_flags, monkeypatch, caplog):
+    interrupt_at_step_3(tasks_run, train_flags, monkeypatch)
+    assert (tasks_run / "ranker" / "checkpoints" / "checkpoint-2").exists()
+    with caplog.at_level("INFO"):
+        run_stage("train", train_flags(tasks_run))
+    metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
+    assert metrics["resumed_at_step"] == 2 and metrics["resumed_from"].endswith("checkpoint-2") and metrics["steps"] == 4
+    assert "resuming from" in caplog.text and "checkpoint-2 (step 2)" in caplog.text
+    assert metrics["untrained"] is not None  # measured before the interruption, read back
+
+
+def test_a_resume_without_the_untrained_scores_measures_them_first(tasks_run, train_flags, monkeypatch):
+    interrupt_at_step_3(tasks_run, train_flags, monkeypatch)
     first = read_json(tasks_run / "ranker" / "untrained_metrics.json")
     (tasks_run / "ranker" / "untrained_metrics.json").unlink()
-    monkeypatch.setattr(train_mod, "make_trainer_class", real)
     run_stage("train", train_flags(tasks_run))
     metrics = read_json(tasks_run / "ranker" / "train_metrics.json")
     assert metrics["resumed_at_step"] == 2 and metrics["untrained"]["untrained_ndcg@10"] == first["untrained_ndcg@10"]
