@@ -1,4 +1,4 @@
-"""What a ranker adapter holds, for the paper's setting (issue 16): Llama-2-7B's shape, LoRA r=8 on q and v (the authors' released adapter), and the
+"""What a ranker adapter holds, for the paper's setting: Llama-2-7B's shape, LoRA r=8 on q and v (the authors' released adapter), and the
 rows of 4 x 256 = 1,024 added index tokens, against what PEFT saved by default (full copies of the resized embedding
 and head).
 
@@ -59,7 +59,9 @@ def main() -> int:
     for name, spec in rows.items():
         results[name] = {"index_tokens": spec["index_tokens"], "lora_targets": spec["targets"], "base_dtype": "bfloat16",
                          **saved_bytes(spec["shape"], spec["index_tokens"], spec["targets"])}
-    demo = ROOT / "runs" / "demo" / "ranker" / "adapter_model.safetensors"
+    from ulmrec_hf.layout import RunDir
+
+    demo = RunDir(ROOT / "runs" / "demo").ranker_files.adapter
     if demo.exists():
         results["smollm2-135m (demo: 4 x 32 = 128 index tokens, LoRA on q,v)"]["measured_demo_adapter_bytes"] = demo.stat().st_size
     print("| shape | adapter (LoRA + index rows) | of which index rows | with PEFT's embedding copies | ratio |")

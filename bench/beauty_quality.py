@@ -23,8 +23,13 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
+
+from bench_common import NO_ALIGN_TASKS
+from bench_common import stage as run_timed
+
+from ulmrec_hf.layout import RunDir
+from ulmrec_hf.runner import link_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec"
@@ -34,28 +39,16 @@ RUNS = BENCH_RUNS / "beauty-quality"
 RETRIEVER_RUN = BENCH_RUNS / "beauty-lrurec"  # made by bench/retriever.py (the paper's LRURec settings)
 STAGE_LOCK = os.environ.get("ULMREC_BENCH_LOCK")  # a lock file each stage holds, so that other jobs on a small machine run between stages
 EVAL_SEED = 42
-NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "false", "--use_history_to_index", "false",
-            "--use_rating", "false", "--use_intent", "false"]
 # Shorter prompts than the recipe's so that six scorings of ~1,500 users and two trainings fit the budget on 2 cores.
 PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
 PROTOCOLS = ("paper", "shuffled")
-MODELS = {"llamarec": NO_ALIGN, "ulmrec_pid": []}
+MODELS = {"llamarec": NO_ALIGN_TASKS, "ulmrec_pid": []}
 WALL = RUNS / "wall_s.json"  # seconds per stage, summed over the calls that ran it (a resumed stage adds up)
 
 
 def stage(name: str, run: Path, flags: list[str]) -> None:
-    import contextlib
-    import fcntl
-
-    from ulmrec_hf.runner import run_stage
-
-    with open(STAGE_LOCK, "a") if STAGE_LOCK else contextlib.nullcontext() as lock:
-        if lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        start = time.time()  # the stage's own time, waiting for the lock excluded
-        print(f"== {run.relative_to(RUNS)}: ulmrec {name} {' '.join(flags)}", flush=True)
-        run_stage(name, ["--config", str(RECIPE), "--run_dir", str(run), *flags])
-        seconds = time.time() - start
+    """One stage with the recipe, holding STAGE_LOCK; its seconds are added to WALL."""
+    seconds = run_timed(name, run, flags, recipe=RECIPE, lock=STAGE_LOCK, label=str(run.relative_to(RUNS)))
     wall, key = read_wall(), f"{run.relative_to(RUNS)}/{name}"
     wall[key] = round(wall.get(key, 0) + seconds, 1)
     WALL.write_text(json.dumps(wall, indent=2) + "\n")
@@ -65,12 +58,6 @@ def read_wall() -> dict:
     return json.loads(WALL.read_text()) if WALL.exists() else {}
 
 
-def link(src: Path, dst: Path) -> None:
-    if not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(src.resolve(), dst, target_is_directory=True)
-
-
 def base_run() -> Path:
     """Data and LRURec candidates from bench/retriever.py's run (which skips a finished run with today's settings and
     refuses one made with others), keyword preferences and the title index of the recipe."""
@@ -78,8 +65,7 @@ def base_run() -> Path:
 
     base = RUNS / "base"
     subprocess.run([sys.executable, str(ROOT / "bench" / "retriever.py"), "--only", "lrurec"], check=True)
-    for name in ("data", "retriever"):
-        link(RETRIEVER_RUN / name, base / name)
+    link_shared(RETRIEVER_RUN, base, ("prepare", "retrieve"))
     # The keyword backend sends no requests, so max_tokens and stop change nothing in its answers; pinned to the values
     # recorded when this bench's preferences were made (v0.3.0-dev), so a resumed bench reuses them (same file, checked).
     stage("preferences", base, ["--max_tokens", "64", "--stop", "\n"])
@@ -90,8 +76,6 @@ def base_run() -> Path:
 def model_runs(base: Path, common: list[str], train_flags: list[str]) -> None:
     """Each model: tasks and training in the paper protocol, evaluated there; then the shuffled protocol's tasks
     (identical training rows, checked) and the same ranker evaluated on them."""
-    from ulmrec_hf.runner import link_shared
-
     for model, flags in MODELS.items():
         index = [] if model == "ulmrec_pid" else ["--scheme", "none"]
         for protocol in PROTOCOLS:
@@ -106,7 +90,7 @@ def model_runs(base: Path, common: list[str], train_flags: list[str]) -> None:
             else:
                 paper = RUNS / "paper" / model
                 same_rows(paper, run)
-                stage("evaluate", run, ["--uid_only", "false", "--ranker", str(paper / "ranker")])
+                stage("evaluate", run, ["--uid_only", "false", "--ranker", str(RunDir(paper).ranker)])
     for protocol in PROTOCOLS:
         zero = RUNS / protocol / "zero_shot"
         link_shared(RUNS / protocol / "llamarec", zero, ("prepare", "retrieve", "preferences", "index", "tasks"))
@@ -114,9 +98,7 @@ def model_runs(base: Path, common: list[str], train_flags: list[str]) -> None:
 
 
 def same_rows(a: Path, b: Path) -> None:
-    import datasets
-
-    rows = [datasets.load_from_disk(str(r / "tasks" / "train"))["prompt"] for r in (a, b)]
+    rows = [RunDir(r).task("train")["prompt"] for r in (a, b)]
     if rows[0] != rows[1]:
         raise SystemExit(f"{a} and {b} have different training rows; a ranker cannot be shared between them")
 
@@ -126,7 +108,7 @@ def per_user(run: Path) -> dict:
 
     from ulmrec_hf.metrics import load_metric
 
-    test = datasets.load_from_disk(str(run / "eval" / "per_user"))["test"]
+    test = datasets.load_from_disk(str(RunDir(run).eval_per_user))["test"]
     ndcg = lambda ranks: load_metric("ranks").compute(predictions=ranks, ks=[10], per_user=True)["per_user"]["ndcg@10"]  # noqa: E731
     return {"ranker": dict(zip(test["user_id"], ndcg(test["rank"]))), "fused": dict(zip(test["user_id"], ndcg(test["fused_rank"]))),
             "retriever": dict(zip(test["user_id"], ndcg(test["retriever_rank"])))}
@@ -138,11 +120,12 @@ def old_rule_ndcg(run: Path) -> dict:
     import datasets
     import numpy as np
 
-    from ulmrec_hf.evaluate import fuse
+    from ulmrec_hf.metrics import fuse
 
-    scores = np.array(datasets.load_from_disk(str(run / "eval" / "per_user"))["test"]["scores"], dtype=np.float64)
-    test = datasets.load_from_disk(str(run / "tasks" / "next_item_test"))
-    gold, w = np.array(test["target_position"]), json.loads((run / "eval" / "metrics.json").read_text())["fusion"]["weight"]
+    r = RunDir(run)
+    scores = np.array(datasets.load_from_disk(str(r.eval_per_user))["test"]["scores"], dtype=np.float64)
+    test = r.eval_set("test")
+    gold, w = np.array(test["target_position"]), r.eval_metrics()["fusion"]["weight"]
     out = {}
     for name, s in (("ranker", scores), ("fused", fuse(np.array(test["retriever_scores"]), scores, w))):
         ranks = 1 + (s > s[np.arange(len(gold)), gold][:, None]).sum(1)
@@ -163,7 +146,7 @@ def rows_of(protocol: str) -> dict:
     out = {}
     for model in ("zero_shot", "llamarec", "ulmrec_pid"):
         run = RUNS / protocol / model
-        metrics = json.loads((run / "eval" / "metrics.json").read_text())
+        metrics = RunDir(run).eval_metrics()
         users, old = per_user(run), old_rule_ndcg(run)
         if not out:
             out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None)
@@ -179,9 +162,9 @@ def previous_release() -> dict:
 
 
 def report(args) -> dict:
-    meta = json.loads((RUNS / "paper" / "llamarec" / "tasks" / "eval_meta.json").read_text())
-    mixtures = {m: json.loads((RUNS / "paper" / m / "tasks" / "mixture.json").read_text()) for m in MODELS}
-    retriever = json.loads((RETRIEVER_RUN / "retriever" / "metrics.json").read_text())
+    meta = RunDir(RUNS / "paper" / "llamarec").eval_meta()
+    mixtures = {m: RunDir(RUNS / "paper" / m).mixture() for m in MODELS}
+    retriever = RunDir(RETRIEVER_RUN).retriever_metrics()
     wall = {"retrieve (bench/retriever.py)": retriever["wall_time_s"], **read_wall()}
     results, old = {}, previous_release()
     for protocol in PROTOCOLS:
@@ -191,7 +174,7 @@ def report(args) -> dict:
                                      "old_rule_rank_ndcg@10": m.get("old_rule_rank_ndcg@10"),
                                      "v0.2.0_rank_ndcg@10": old.get(protocol, {}).get(label, {}).get("rank", {}).get("ndcg@10"),
                                      "vs_lrurec": paired(v, lrurec), "vs_llamarec": paired(v, llamarec)} for label, (v, m, w) in rows.items()}
-    evaluated = json.loads((RUNS / "paper" / "ulmrec_pid" / "eval" / "metrics.json").read_text())
+    evaluated = RunDir(RUNS / "paper" / "ulmrec_pid").eval_metrics()
     summary = {"data": "amazon-beauty-ulmrec (LlamaRec split)", "model": "SmolLM2-135M-Instruct, LoRA r=8 on q,v, bf16 weights",
                "device": "CPU, 2 cores", "eval_seed": EVAL_SEED, "tie_rule": evaluated["tie_rule"], "user_text": evaluated["user_text"], "settings": vars(args), "test_users": meta["test"],
                "validation_users": meta["validation"], "prompt": {"history_len": 5, "title_max_tokens": 16},

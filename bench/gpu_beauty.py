@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import NO_ALIGN_TASKS, stage
+
+from ulmrec_hf.layout import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec"
-NO_ALIGN = ["--use_index_to_preference", "false", "--use_preference_to_index", "false", "--use_history_to_index", "false",
-            "--use_rating", "false", "--use_intent", "false"]
 # variant -> (index flags or "pid", tasks flags, evaluate flags, trains)
 VARIANTS = {
-    "llamarec": (["--scheme", "none"], NO_ALIGN, [], True),
+    "llamarec": (["--scheme", "none"], NO_ALIGN_TASKS, [], True),
     "zero_shot": (None, None, ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"], False),
     "ulmrec_paper_index": (["--scheme", "import", "--import_file", "{data}/paper_user_index.json"], [], ["--uid_only", "false"], True),
     "ulmrec_pid": ("pid", [], ["--uid_only", "false"], True),
@@ -49,15 +51,6 @@ DRY = {
 }
 
 
-def stage(name: str, run: Path, flags: list[str]) -> float:
-    from ulmrec_hf.runner import run_stage
-
-    start = time.time()
-    print(f"== {run.name}: {name}", flush=True)
-    run_stage(name, ["--run_dir", str(run), *flags])
-    return round(time.time() - start, 1)
-
-
 def dry_inputs(root: Path) -> tuple[Path, str]:
     """Demo data and a tiny Llama with SmolLM2's tokenizer, for the CPU dry run."""
     import torch
@@ -69,7 +62,7 @@ def dry_inputs(root: Path) -> tuple[Path, str]:
 
     raw, model = root / "raw", root / "tiny_llm"
     demo_data(DemoDataArguments(output=str(raw), users=120))
-    if not (model / "config.json").exists():
+    if not (model / "config.json").exists():  # the model folder, not a run directory
         tokenizer = load_tokenizer("smollm2")
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -83,8 +76,6 @@ def base_run(root: Path, data: Path, dry: bool, sizes: dict, times: dict) -> Pat
     if dry:
         times["prepare"] = stage("prepare", base, ["--input", str(data)])
         times["preferences"] = stage("preferences", base, [])
-        from ulmrec_hf.layout import RunDir
-
         users = RunDir(base).prepared()["users"]["user"]
         (root / "paper_user_index.json").write_text(json.dumps({u: f" <a_{n % 8}> <b_{n}>" for n, u in enumerate(users)}))  # a stand-in
     else:
@@ -97,9 +88,7 @@ def base_run(root: Path, data: Path, dry: bool, sizes: dict, times: dict) -> Pat
 
 def pid_index(base: Path, vdir: Path, carried: Path | None, dry: bool, times: dict) -> None:
     """Our index: built here for the dry run; on the GPU, the folder built on the CPU, checked against this run's inputs."""
-    from ulmrec_hf.layout import RunDir
-
-    target = vdir / "user_index"
+    target = RunDir(vdir).path("index")
     if dry:
         times["index"] = stage("index", vdir, ["--scheme", "pid", "--text_source", "preferences", "--rq_levels", "3", "--rq_codebook_size", "16",
                                                 "--rq_code_dim", "8", "--rq_hidden", "32", "--rq_epochs", "10", "--attention_steps", "5"])
@@ -108,7 +97,7 @@ def pid_index(base: Path, vdir: Path, carried: Path | None, dry: bool, times: di
         raise SystemExit("ulmrec_pid needs --pid_index DIR (a finished user_index folder from bench/beauty_quality.py's base run)")
     if not target.exists():
         shutil.copytree(carried, target)
-    recorded = json.loads((target / "_COMPLETE").read_text())["inputs"]
+    recorded = RunDir(vdir).stage_inputs("index")
     here = RunDir(vdir).input_fingerprints(tuple(recorded))
     if recorded != here:
         raise SystemExit(f"{carried} was built from other data or preferences than this run ({recorded} != {here})")
@@ -131,9 +120,9 @@ def run_variant(name: str, root: Path, base: Path, model: str, args, sizes: dict
     if trains:
         times["train"] = stage("train", vdir, ["--model_name_or_path", model, *sizes["train"]])
     times["evaluate"] = stage("evaluate", vdir, [*sizes["evaluate"], *eval_flags])
-    metrics = json.loads((vdir / "eval" / "metrics.json").read_text())
-    train = json.loads((vdir / "ranker" / "train_metrics.json").read_text()) if trains else None
-    mixture = json.loads((vdir / "tasks" / "mixture.json").read_text())
+    run = RunDir(vdir)
+    metrics, mixture = run.eval_metrics(), run.mixture()
+    train = json.loads(run.ranker_files.train_metrics.read_text()) if trains else None
     return {"wall_s_this_call": times, "metrics": metrics, "train_samples": mixture["train_samples"],
             "next_item_samples": mixture["next_item_samples"], "steps": train["steps"] if train else 0,
             "train_runtime_s": next((h["train_runtime"] for h in train["log_history"] if "train_runtime" in h), None) if train else None}
@@ -187,7 +176,7 @@ def main() -> int:
         summary = {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU", "dry_run": args.dry_run, "model": model,
                    "protocol": results[name]["metrics"]["protocol"], "users": results[name]["metrics"]["users"],
                    "base_stage_wall_s_this_call": times, "wall_s_this_call": round(time.time() - start, 1),
-                   "retriever_metrics": json.loads((base / "retriever" / "metrics.json").read_text())["metrics"]["test"],
+                   "retriever_metrics": RunDir(base).retriever_metrics()["metrics"]["test"],
                    "results": results}
         out.write_text(json.dumps(summary, indent=2) + "\n")
         out.with_suffix(".md").write_text(table(results, retriever))

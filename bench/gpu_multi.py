@@ -20,25 +20,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ulmrec_hf.layout import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {"fsdp": ROOT / "accelerate_configs" / "fsdp.yaml", "deepspeed_zero2": ROOT / "accelerate_configs" / "deepspeed_zero2.yaml"}
-UP_TO_TASKS = ("data", "retriever", "preferences", "user_index", "tasks")
+UP_TO_TASKS = ("prepare", "retrieve", "preferences", "index", "tasks")
 
 
 def train(run: Path, base: Path, flags: list[str], config: Path | None, log: Path) -> dict:
     """`ulmrec train` in a fresh copy of the run (one process, or 2 under `config`); its train_metrics.json."""
     if run.exists():
         shutil.rmtree(run)
-    for name in UP_TO_TASKS:
-        if (base / name).exists():
-            shutil.copytree(base / name, run / name, symlinks=True)
+    for stage in UP_TO_TASKS:
+        if RunDir(base).path(stage).exists():
+            shutil.copytree(RunDir(base).path(stage), RunDir(run).path(stage), symlinks=True)
     launch = ([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), "--num_processes", "2"]
               if config else [sys.executable])
     with open(log, "w") as f:
         proc = subprocess.run([*launch, "-m", "ulmrec_hf.cli", "train", "--run_dir", str(run), *flags], stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}; log {log}: " + log.read_text()[-2000:]}
-    return json.loads((run / "ranker" / "train_metrics.json").read_text())
+    return json.loads(RunDir(run).ranker_files.train_metrics.read_text())
 
 
 def losses(metrics: dict) -> list[float]:
@@ -51,7 +53,7 @@ def reload_matches(run: Path, metrics: dict) -> float:
 
     from ulmrec_hf.ranker import load_ranker, score_prompts
 
-    model, tokenizer, config = load_ranker(run / "ranker")
+    model, tokenizer, config = load_ranker(RunDir(run).ranker)
     check = metrics["reload_check"]
     return float(np.abs(score_prompts(model, tokenizer, check["prompts"], config["letter_token_ids"]) - np.array(check["scores"])).max())
 

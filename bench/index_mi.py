@@ -9,8 +9,11 @@ Writes bench/results/index_mi.json. Resumable: finished stages in bench/runs/ ar
 import json
 import random
 import sys
-import time
 from pathlib import Path
+
+from bench_common import stage
+
+from ulmrec_hf.layout import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -18,23 +21,14 @@ MI = DATA / "amazon-musical-instruments-2014"
 BEAUTY = DATA / "amazon-beauty-ulmrec"
 
 
-def stage(name: str, flags: list[str]) -> float:
-    from ulmrec_hf.runner import run_stage
-
-    start = time.time()
-    run_stage(name, flags)
-    return round(time.time() - start, 1)
-
-
 def heldout_similarity(run: Path, seed: int = 0) -> dict:
     """Mean cosine of held-out review embeddings: same first code vs random pairs."""
-    import datasets
     import torch
 
     from ulmrec_hf.index import IndexArguments, TextEncoder, user_texts
 
-    users = datasets.load_from_disk(str(run / "data"))["users"].to_list()
-    codes = datasets.load_from_disk(str(run / "user_index" / "index"))["codes"]
+    users = RunDir(run).prepared()["users"].to_list()
+    codes = RunDir(run).index_table()["codes"]
     _, held = user_texts(users, IndexArguments(), {}, None)
     keep = [i for i, h in enumerate(held) if h]
     encoder = TextEncoder("all-minilm-l6-v2", 64, 256)
@@ -61,10 +55,9 @@ def main() -> int:
     results = {}
     if MI.exists():
         run = ROOT / "bench" / "runs" / "mi"
-        flags = ["--run_dir", str(run)]
-        prep = stage("prepare", flags + ["--input", str(MI), "--titles", "optional"])
-        wall = stage("index", flags + ["--text_source", "reviews", "--encoder", "all-minilm-l6-v2"])
-        stats = json.loads((run / "user_index" / "stats.json").read_text())
+        prep = stage("prepare", run, ["--input", str(MI), "--titles", "optional"])
+        wall = stage("index", run, ["--text_source", "reviews", "--encoder", "all-minilm-l6-v2"])
+        stats = RunDir(run).index_stats()
         results["musical_instruments_reviews"] = {
             "prepare_wall_s": prep, "index_wall_s_this_call": wall, "index_wall_s": stats["wall_time_s"], "users": stats["users"],
             "unique": stats["unique"], "collision_rate_before": stats["collision_rate_before"], "collision_rate_after": stats["collision_rate_after"],
@@ -72,11 +65,9 @@ def main() -> int:
             "texts": stats["texts"], "meaning_check": heldout_similarity(run)}
     if BEAUTY.exists():
         run = ROOT / "bench" / "runs" / "beauty-index"
-        flags = ["--run_dir", str(run)]
-        stage("prepare", flags + ["--input", str(BEAUTY / "dataset.json")])
-        wall = stage("index", flags + ["--text_source", "preferences", "--preferences_file", str(BEAUTY / "preferences.json"),
-                                        "--rq_epochs", "100"])
-        stats = json.loads((run / "user_index" / "stats.json").read_text())
+        stage("prepare", run, ["--input", str(BEAUTY / "dataset.json")])
+        wall = stage("index", run, ["--text_source", "preferences", "--preferences_file", str(BEAUTY / "preferences.json"), "--rq_epochs", "100"])
+        stats = RunDir(run).index_stats()
         results["beauty_preferences"] = {k: stats[k] for k in ("users", "unique", "collision_rate_before", "collision_rate_after",
                                                                 "users_moved", "codebook", "users_without_text", "wall_time_s")}
         results["beauty_preferences"]["index_wall_s_this_call"] = wall

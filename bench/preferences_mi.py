@@ -6,6 +6,10 @@ import sys
 import time
 from pathlib import Path
 
+from bench_common import read_jsonl
+
+from ulmrec_hf.layout import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 MI = ROOT.parent / "shared" / "data" / "amazon-musical-instruments-2014"
 LOCAL_USERS = 64
@@ -20,9 +24,10 @@ def run(run_dir: Path, flags: list[str]) -> dict:
         run_stage("preferences", ["--run_dir", str(run_dir), *flags])
     except UlmrecError as e:  # users the model failed for are part of the result, listed in failures.json
         print(f"preferences: {e}")
-    summary = json.loads((run_dir / "preferences" / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "preferences" / "preferences.jsonl").read_text().splitlines()]
-    failures = json.loads((run_dir / "preferences" / "failures.json").read_text())
+    files = RunDir(run_dir)  # read whether or not the stage finished: failures are part of the result
+    summary = json.loads(files.preferences_summary_file.read_text())
+    rows = read_jsonl(files.preferences_file)
+    failures = json.loads(files.preferences_failures_file.read_text())
     return {**summary, "failures": failures, "wall_s_this_call": round(time.time() - start, 1), "examples": [{"user": r["user"], "preference": r["preference"]} for r in rows[:5]]}
 
 

@@ -27,6 +27,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench_common import read_jsonl
+
+from ulmrec_hf.layout import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 MI = ROOT.parent / "shared" / "data" / "amazon-musical-instruments-2014"
 RUNS = ROOT / "bench" / "runs" / "preferences-server"
@@ -85,8 +89,8 @@ def prepare(run: Path) -> None:
 
 
 def summary(run: Path) -> dict:
-    s = json.loads((run / "preferences" / "summary.json").read_text())
-    rows = [json.loads(line) for line in (run / "preferences" / "preferences.jsonl").read_text().splitlines()]
+    s = json.loads(RunDir(run).preferences_summary_file.read_text())
+    rows = read_jsonl(RunDir(run).preferences_file)
     per_user = lambda k: round(s[k] / max(1, s["answered"]), 2)  # noqa: E731
     keys = ("users", "done", "failed", "cached", "answered", "salvaged", "answer_mode", "answer_mode_source", "answers_by_mode", "requests",
             "prompt_tokens", "completion_tokens", "retries", "identical_answers", "max_tokens", "lowest_concurrency", "wall_time_s", "users_per_s")
@@ -97,13 +101,13 @@ def summary(run: Path) -> dict:
 
 def examples(run: Path) -> dict:
     """A few answers (salvaged ones first) and every failure with its last rejected answer."""
-    rows = [json.loads(line) for line in (run / "preferences" / "preferences.jsonl").read_text().splitlines()]
+    rows = read_jsonl(RunDir(run).preferences_file)
     rows.sort(key=lambda r: not r.get("salvaged"))
-    entries = [json.loads(line) for line in (run / "cache" / "preferences" / "responses.jsonl").read_text().splitlines() if line.endswith("}")]
+    entries = read_jsonl(RunDir(run).preferences_cache)
     raw = {e["user"]: e.get("salvaged_from") for e in entries if "preference" in e}
     return {"answers": [{"user": r["user"], "preference": r["preference"], **({"salvaged_from": raw.get(r["user"])} if r.get("salvaged") else {})}
                         for r in rows[:4]],
-            "failures": json.loads((run / "preferences" / "failures.json").read_text())}
+            "failures": json.loads(RunDir(run).preferences_failures_file.read_text())}
 
 
 def wrong_model(port: int, log: Path, server_log: Path) -> dict:
@@ -116,8 +120,8 @@ def wrong_model(port: int, log: Path, server_log: Path) -> dict:
 
 def cached_users(run: Path) -> tuple[set[str], set[str]]:
     """(users with a stored answer, users with a stored failure) in the answer cache."""
-    path = run / "cache" / "preferences" / "responses.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")] if path.exists() else []
+    path = RunDir(run).preferences_cache
+    rows = read_jsonl(path) if path.exists() else []
     return {r["user"] for r in rows if "preference" in r}, {r["user"] for r in rows if "failed" in r}
 
 
@@ -132,10 +136,10 @@ def killed_and_resumed(port: int, model: str, log: Path, server_log: Path) -> di
     proc.wait()
     answers, failed = cached_users(run)
     time.sleep(5)  # requests of the killed process finish on the server (nobody reads them)
-    size = len((run / "cache" / "preferences" / "responses.jsonl").read_text().splitlines())
+    size = len(RunDir(run).preferences_cache.read_text().splitlines())
     code, wall, posts, _ = run_stage(stage_cmd(run, port, model), log, server_log)
-    s = json.loads((run / "preferences" / "summary.json").read_text())
-    later = [json.loads(line) for line in (run / "cache" / "preferences" / "responses.jsonl").read_text().splitlines()[size:]]
+    s = json.loads(RunDir(run).preferences_summary_file.read_text())
+    later = [json.loads(line) for line in RunDir(run).preferences_cache.read_text().splitlines()[size:]]
     # every stored answer is read back, so only the other users are asked (a request cut off by the kill is asked again)
     return {"answers_stored_before_kill": len(answers), "failures_stored_before_kill": len(failed), "resumed_exit_code": code,
             "resumed_wall_s": wall, "answers_read_on_resume": s["cached"], "failures_read_on_resume": s["cached_failures"],

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from ulmrec_hf.common import StageArguments, read_json
+from ulmrec_hf.layout import RunDir
 from ulmrec_hf.prepare import PrepareArguments, main
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -27,7 +28,7 @@ def main_bench() -> int:
             start = time.perf_counter()
             out = main(StageArguments(run_dir=tmp), PrepareArguments(input=str(path)))
             wall = time.perf_counter() - start
-            stats = read_json(out / "stats.json")
+            stats = read_json(RunDir(tmp).prepare_stats_file)
         rows.append({"case": name, "wall_s": round(wall, 2), **{k: stats[k] for k in ("users", "items", "interactions", "avg_length", "sparsity")},
                      "skipped": sum(stats["skipped"]["counts"].values())})
     print(f"| {' | '.join(rows[0])} |\n|{'---|' * len(rows[0])}")

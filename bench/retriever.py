@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from ulmrec_hf.layout import RunDir
+
 ROOT = Path(__file__).resolve().parents[1]
 BEAUTY = ROOT.parent / "shared" / "data" / "amazon-beauty-ulmrec" / "dataset.json"
 PAPER_LRUREC_TEST = {"ndcg@10": 0.0533, "recall@10": 0.0916}
@@ -28,8 +30,7 @@ def run(kind: str, extra: list[str]) -> dict:
     start = time.time()
     flags = [*SETTINGS, *BUDGET[kind], *extra]
     subprocess.run([*ulmrec, "retrieve", "--run", str(run_dir), "--retriever", kind, *flags], check=True)
-    metrics = json.loads((run_dir / "retriever" / "metrics.json").read_text())
-    recorded = json.loads((run_dir / "retriever" / "_COMPLETE").read_text())["settings"]
+    metrics, recorded = RunDir(run_dir).retriever_metrics(), RunDir(run_dir).settings("retrieve")
     optimizer = {k: recorded.get(k) for k in ("lr", "weight_decay", "decay_bias_and_norm", "adam_epsilon", "max_grad_norm")}
     return {"retriever": kind, "wall_time_this_call_s": round(time.time() - start, 1), "settings": flags, "optimizer": optimizer, **metrics}
 

@@ -1,4 +1,5 @@
-"""`prepare` at 1M and 10M reviews: time and peak memory of each engine, against the issue's targets.
+"""`prepare` at 1M and 10M reviews: time and peak memory of each engine; `tasks` on full Beauty with every training
+prefix: peak memory; both against the issue's targets.
 
 The inputs replicate the shared Musical Instruments 2014 reviews (10,261 lines; `--titles optional`, as it has no meta
 file) with renamed users and items: copy r of user A becomes A~r, of item B becomes B~r. 100 copies give 1,026,100
@@ -7,10 +8,15 @@ reviews, 1,000 copies 10,261,000.
 Usage (one step per call, so that no call holds the machine for long; a measured step is skipped next time):
     python bench/scale.py generate --size 1m         # write bench/runs/scale/1m/reviews_Scale_5.json.gz
     python bench/scale.py measure --size 1m --engine duckdb
+    python bench/scale.py tasks                      # `ulmrec tasks` on full Beauty, every prefix, no caps
     python bench/scale.py next                       # the first step not yet done, then the report
     python bench/scale.py report                     # print the table, write bench/results/scale.{json,md}
 Peak memory is the largest sum of RSS over the `ulmrec prepare` process and its children (Spark's JVM), sampled
 every 0.1 s. `--force` measures a step again.
+
+The `tasks` step reuses the data, LRURec candidates, title index and keyword preferences of bench/beauty_quality.py's
+base run (the same `ULMREC_BENCH_RUNS`), and the Beauty SmolLM2 recipe with its row and user caps removed: every
+training prefix, every validation and test user.
 """
 
 import argparse
@@ -32,6 +38,10 @@ ENGINES = ("python", "duckdb", "spark")
 GiB = 1 << 30
 TARGET_RSS_10M_GIB = 4.0
 TARGET_TIME_RATIO_1M = 2.0
+TARGET_TASKS_RSS_GIB = 2.0
+BEAUTY_BASE = RUNS.parent / "beauty-quality" / "base"
+RECIPE = ROOT / "recipes" / "beauty" / "smollm2-135m" / "pipeline.yaml"
+TASK_INPUTS = ("prepare", "retrieve", "index", "preferences")
 # Not run at 10M: the python engine keeps every row in Python objects (issue 25 measured 2.3 KB a review), about
 # 23 GB on a machine of 24 GiB; Spark on 2 local cores would hold the machine for far longer than one call.
 SKIP = {("10m", "python"), ("10m", "spark")}
@@ -92,12 +102,10 @@ def tree_rss(proc) -> int:
     return total
 
 
-def measure(size: str, engine: str, results: dict, timeout: float) -> dict:
+def watch(cmd: list[str], timeout: float) -> tuple[int | None, float, int]:
+    """Run `cmd`; (exit code or None when stopped at `timeout`, wall seconds, peak RSS of its process tree)."""
     import psutil
 
-    run_dir = RUNS / f"run-{size}-{engine}"
-    cmd = [sys.executable, "-m", "ulmrec_hf.cli", "prepare", "--run_dir", str(run_dir), "--input", str(input_file(size)),
-           "--titles", "optional", "--engine", engine, "--overwrite"]
     start, peak = time.time(), 0
     child = subprocess.Popen(cmd)
     proc = psutil.Process(child.pid)
@@ -108,21 +116,63 @@ def measure(size: str, engine: str, results: dict, timeout: float) -> dict:
             for p in [*proc.children(recursive=True), proc]:
                 p.kill()
             child.wait()
-            return {"size": size, "engine": engine, "status": f"stopped after {timeout:.0f} s (the bench's limit per call)",
-                    "wall_s": round(time.time() - start, 1), "peak_rss_gib": round(peak / GiB, 3)}
-    wall = time.time() - start
-    if child.returncode:
-        return {"size": size, "engine": engine, "status": f"failed (exit {child.returncode})", "wall_s": round(wall, 1),
-                "peak_rss_gib": round(peak / GiB, 3)}
+            return None, time.time() - start, peak
+    return child.returncode, time.time() - start, peak
+
+
+def status_of(code: int | None, timeout: float) -> str:
+    return f"stopped after {timeout:.0f} s (the bench's limit per call)" if code is None else f"failed (exit {code})" if code else "ok"
+
+
+def measure(size: str, engine: str, results: dict, timeout: float) -> dict:
+    run_dir = RUNS / f"run-{size}-{engine}"
+    cmd = [sys.executable, "-m", "ulmrec_hf.cli", "prepare", "--run_dir", str(run_dir), "--input", str(input_file(size)),
+           "--titles", "optional", "--engine", engine, "--overwrite"]
+    code, wall, peak = watch(cmd, timeout)
+    row = {"size": size, "engine": engine, "status": status_of(code, timeout), "wall_s": round(wall, 1), "peak_rss_gib": round(peak / GiB, 3)}
+    if code != 0:
+        return row
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     reviews = results["inputs"][size]["reviews"]
-    return {"size": size, "engine": engine, "status": "ok", "reviews": reviews, "wall_s": round(wall, 1),
-            "prepare_s": stats["wall_time_s"], "us_per_review": round(1e6 * wall / reviews, 2),
-            "peak_rss_gib": round(peak / GiB, 3), "users": stats["users"], "items": stats["items"],
-            "interactions": stats["interactions"], "dataset_bytes": sum(p.stat().st_size for p in (run_dir / "data").rglob("*.arrow"))}
+    return {**row, "reviews": reviews, "prepare_s": stats["wall_time_s"], "us_per_review": round(1e6 * wall / reviews, 2),
+            "users": stats["users"], "items": stats["items"], "interactions": stats["interactions"],
+            "dataset_bytes": sum(p.stat().st_size for p in (run_dir / "data").rglob("*.arrow"))}
+
+
+def uncapped_recipe(run_dir: Path) -> Path:
+    """The Beauty recipe with the tasks stage's row and user caps removed."""
+    import yaml
+
+    recipe = yaml.safe_load(RECIPE.read_text())
+    for key in ("max_train_samples", "max_eval_users", "max_validation_users"):
+        recipe["tasks"].pop(key, None)
+    path = run_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def measure_tasks(timeout: float) -> dict:
+    from ulmrec_hf.layout import RunDir
+    from ulmrec_hf.runner import link_shared
+
+    missing = [s for s in TASK_INPUTS if not RunDir(BEAUTY_BASE).is_complete(s)]
+    if missing:
+        return {"status": f"not measured: {BEAUTY_BASE} lacks {missing}; run bench/beauty_quality.py first"}
+    run_dir = RUNS / "tasks-beauty"
+    link_shared(BEAUTY_BASE, run_dir, TASK_INPUTS)
+    cmd = [sys.executable, "-m", "ulmrec_hf.cli", "tasks", "--config", str(uncapped_recipe(run_dir)), "--run_dir", str(run_dir), "--overwrite"]
+    code, wall, peak = watch(cmd, timeout)
+    row = {"status": status_of(code, timeout), "wall_s": round(wall, 1), "peak_rss_gib": round(peak / GiB, 3)}
+    if code != 0:
+        return row
+    mixture = RunDir(run_dir).mixture()
+    return {**row, "train_rows": mixture["train_samples"], "next_item_rows": mixture["next_item_samples"],
+            "rows_by_task": {name: t["rows"] for name, t in mixture["tasks"].items()},
+            "prepared_interactions": json.loads(RunDir(run_dir).prepare_stats_file.read_text())["interactions"]}
 
 
 def steps():
+    yield ("tasks", None, None)
     for size in COPIES:
         yield ("generate", size, None)
         for engine in ENGINES:
@@ -131,6 +181,8 @@ def steps():
 
 def done(step, results: dict) -> bool:
     kind, size, engine = step
+    if kind == "tasks":
+        return results.get("tasks", {}).get("status") == "ok"
     if kind == "generate":
         return size in results["inputs"] and input_file(size).exists()
     return f"{size}/{engine}" in results["runs"] or (size, engine) in SKIP
@@ -138,8 +190,10 @@ def done(step, results: dict) -> bool:
 
 def run_step(step, results: dict, timeout: float) -> None:
     kind, size, engine = step
-    print(f"== {kind} {size} {engine or ''}", flush=True)
-    if kind == "generate":
+    print(f"== {kind} {size or ''} {engine or ''}", flush=True)
+    if kind == "tasks":
+        results["tasks"] = measure_tasks(timeout)
+    elif kind == "generate":
         generate(size, results)
     else:
         if size not in results["inputs"] or not input_file(size).exists():
@@ -165,6 +219,11 @@ def targets(results: dict) -> list[dict]:
     else:
         rows.append({"target": f"1M: DuckDB time per review <= {TARGET_TIME_RATIO_1M:g}x the Python reader's",
                      "measured": "not measured", "result": "not measured"})
+    tasks = results.get("tasks", {})
+    rss = tasks.get("peak_rss_gib") if tasks.get("status") == "ok" else None
+    rows.append({"target": f"`tasks` on full Beauty with all prefixes, peak RSS < {TARGET_TASKS_RSS_GIB:g} GiB",
+                 "measured": "not measured" if rss is None else f"{rss:.2f} GiB ({tasks['train_rows']:,} training rows)",
+                 "result": "not measured" if rss is None else ("pass" if rss < TARGET_TASKS_RSS_GIB else "miss")})
     return rows
 
 
@@ -185,14 +244,24 @@ def report(results: dict) -> str:
                 continue
             lines.append(f"| {reviews:,} | {engine} | {r['wall_s']} | {r.get('us_per_review', '')} | {r['peak_rss_gib']} | "
                          f"{r.get('users', '')} | {r.get('items', '')} | {r.get('interactions', '')} | {r['status']} |")
+    lines += tasks_report(results.get("tasks"))
     lines += ["", "| target | measured | result |", "|---|---|---|"]
     lines += [f"| {t['target']} | {t['measured']} | {t['result']} |" for t in targets(results)]
     return "\n".join(lines) + "\n"
 
 
+def tasks_report(tasks: dict | None) -> list[str]:
+    lines = ["", "`ulmrec tasks` on full Beauty (bench/beauty_quality.py's base run), protocol paper (every training prefix), "
+             "no row or user caps; whole process:", "", "| training rows | next-item rows | wall s | peak RSS GiB | status |", "|---|---|---|---|---|"]
+    if not tasks:
+        return lines + ["| | | | | not measured yet |"]
+    return lines + [f"| {tasks.get('train_rows', '')} | {tasks.get('next_item_rows', '')} | {tasks.get('wall_s', '')} | "
+                    f"{tasks.get('peak_rss_gib', '')} | {tasks['status']} |"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["generate", "measure", "next", "report"])
+    parser.add_argument("command", choices=["generate", "measure", "tasks", "next", "report"])
     parser.add_argument("--size", choices=list(COPIES))
     parser.add_argument("--engine", choices=list(ENGINES))
     parser.add_argument("--force", action="store_true")
@@ -202,7 +271,10 @@ def main() -> int:
         print(f"skip: {SOURCE} is absent")
         return 0
     results = load()
-    if args.command in ("generate", "measure"):
+    if args.command == "tasks":
+        if args.force or not done(("tasks", None, None), results):
+            run_step(("tasks", None, None), results, args.timeout)
+    elif args.command in ("generate", "measure"):
         step = (args.command, args.size, args.engine if args.command == "measure" else None)
         if args.force or not done(step, results):
             run_step(step, results, args.timeout)

@@ -27,8 +27,10 @@ def main() -> int:
     run = ROOT / "bench" / "runs" / "demo"
     start = time.time()
     run_recipe(str(RECIPE), ["--run_dir", str(run), "--demo-data.output", str(run / "raw"), "--prepare.input", str(run / "raw"), *sys.argv[1:]])
-    train = json.loads((run / "ranker" / "train_metrics.json").read_text())
-    evaluation = json.loads((run / "eval" / "metrics.json").read_text())
+    from ulmrec_hf.layout import RunDir
+
+    train = json.loads(RunDir(run).ranker_files.train_metrics.read_text())
+    evaluation = RunDir(run).eval_metrics()
     val, test = evaluation["validation"], evaluation["test"]
     result = {
         "model": "SmolLM2-135M-Instruct (LoRA; CPU)", "protocol": evaluation["protocol"], "train_samples": train["train_samples"],

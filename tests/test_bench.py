@@ -39,8 +39,11 @@ def test_gpu_beauty_dry_run(tmp_path):
 
 
 def load_script(name: str):
+    """A bench script as a module; its folder goes on the path, as running it does (for bench_common)."""
     import importlib.util
 
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

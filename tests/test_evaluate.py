@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from ulmrec_hf.common import UlmrecError, read_json
-from ulmrec_hf.evaluate import FUSION_WEIGHTS, agreement, choose_weight, fuse, ranks
-from ulmrec_hf.metrics import ranking_order
+from ulmrec_hf.evaluate import FUSION_WEIGHTS, choose_weight, ranks
+from ulmrec_hf.metrics import agreement, fuse, ranking_order
 from ulmrec_hf.ranker import naive_scores
 from ulmrec_hf.runner import run_stage
 

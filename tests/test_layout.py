@@ -168,3 +168,17 @@ def check_reflects(stage: str, run, after) -> None:
     elif stage == "retrieve":
         assert read_json(run / "retriever" / "_COMPLETE")["settings"]["seed"] == 7
     assert json.loads((run / FOLDERS[stage] / "_COMPLETE").read_text())["finished"]
+
+
+def test_preferences_are_written_atomically(tmp_path):
+    """An interrupted write of preferences.jsonl leaves the old file, as every JSON output does."""
+    run = RunDir(tmp_path)
+    run.write_preferences([{"user": "u", "preference": "old"}])
+
+    def rows():
+        yield {"user": "u", "preference": "new"}
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run.write_preferences(rows())
+    assert run.preferences_file.read_text() == '{"user": "u", "preference": "old"}\n'

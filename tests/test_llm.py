@@ -7,8 +7,11 @@ def test_hub_ids_and_paths_pass_through(tmp_path):
 
 
 def test_the_smollm2_alias_is_a_cached_plain_checkpoint(monkeypatch, tmp_path):
+    """Converted once into the ulmrec cache (here a temporary one: the test writes nothing under ~/.cache)."""
+    monkeypatch.setenv("ULMREC_CACHE", str(tmp_path / "ulmrec"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     path = resolve_model_path("smollm2")
-    assert path.startswith(str(cache_root())) and path.endswith("smollm2-135m-instruct")
+    assert cache_root() == tmp_path / "ulmrec" and path.startswith(str(tmp_path / "ulmrec")) and path.endswith("smollm2-135m-instruct")
     tokenizer = load_tokenizer("SmolLM2")
     assert len(tokenizer) == 49152 and tokenizer.padding_side == "left" and tokenizer.pad_token is not None
 

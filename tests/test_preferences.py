@@ -12,8 +12,9 @@ import pytest
 
 from fake_openai import FakeOpenAI, peak_overlap
 from ulmrec_hf.common import StageArguments, UlmrecError, read_json
+from ulmrec_hf.common import read_preference_file as load_import
 from ulmrec_hf.preferences import (ANSWER_SCHEMA, OFFLINE_LABEL, AnswerError, PreferenceArguments, Throttle, accept_answer, continued,
-                                   load_chat_template, load_import, user_text, validate_answer)
+                                   load_chat_template, user_text, validate_answer)
 from ulmrec_hf.preferences import main as preferences
 from ulmrec_hf.prepare import PrepareArguments
 from ulmrec_hf.prepare import main as prepare
@@ -516,3 +517,13 @@ def test_the_api_key_is_redacted_from_server_messages(fresh_run):
                               env={**os.environ, "OPENAI_API_KEY": key})
     assert proc.returncode == 2 and "AuthenticationError 401: Incorrect API key provided: [API key] ([API key])." in proc.stderr
     assert key[:8] not in proc.stderr and key[-6:] not in proc.stderr
+
+
+def test_the_stage_writes_preferences_jsonl_atomically(fresh_run, monkeypatch):
+    """preferences.jsonl goes through the atomic writer (temporary file, then rename), as every other output does."""
+    from ulmrec_hf import common
+
+    written, real = [], common.atomic_open
+    monkeypatch.setattr(common, "atomic_open", lambda path: written.append(Path(path).name) or real(path))
+    preferences(StageArguments(run_dir=str(fresh_run)), PreferenceArguments(backend="offline-keywords"))
+    assert "preferences.jsonl" in written

@@ -9,7 +9,8 @@ import datasets
 import pytest
 
 from ulmrec_hf.common import StageArguments, UlmrecError, read_json
-from ulmrec_hf.prepare import PrepareArguments, clean_title, k_core, leave_one_out
+from ulmrec_hf.prepare import PrepareArguments, clean_title, k_core
+from ulmrec_hf import split
 from ulmrec_hf.prepare import main as prepare
 
 
@@ -78,10 +79,6 @@ def test_ids_follow_sorted_original_ids_not_file_order(tmp_path):
     assert data_a["users"].to_list() == data_b["users"].to_list()
     assert data_a["items"]["asin"] == [f"I{i}" for i in range(6)]
     assert data_a["users"]["user"] == [f"U{u}" for u in range(6)]
-
-
-def test_leave_one_out():
-    assert leave_one_out([4, 8, 15, 16, 23]) == ([4, 8, 15], 16, 23)
 
 
 def test_k_core_is_iterative():
@@ -207,8 +204,8 @@ def test_beauty_import_matches_the_paper(tmp_path, shared_data):
     raw = json.loads(path.read_text())
     for row in data["users"]:
         key = str(row["user_id"])
-        _, val, test = leave_one_out(row["items"])
-        assert [val] == raw["val"][key] and [test] == raw["test"][key]
+        train, val = split.validation_pair(row["items"])  # the split every stage uses, against the file's own
+        assert [val] == raw["val"][key] and [split.test_pair(row["items"])[1]] == raw["test"][key] and train == raw["train"][key]
 
 
 def test_gift_cards_2018_raw(tmp_path, shared_data):

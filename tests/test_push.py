@@ -69,7 +69,7 @@ def test_the_card_names_the_repos_and_carries_the_test_results(tiny_pipeline):
 def test_base_model_is_a_hub_id_or_recorded_as_a_local_path(tmp_path):
     from huggingface_hub.utils import validate_repo_id
 
-    from ulmrec_hf.train import base_model_fields
+    from ulmrec_hf.cards import base_model_fields
 
     alias, note = base_model_fields("smollm2")
     assert alias == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct"} and "GGUF" in note

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from ulmrec_hf.common import RunArguments, UlmrecError, read_json
-from ulmrec_hf.evaluate import fuse
+from ulmrec_hf.metrics import fuse
 from ulmrec_hf.recommend import RecommendArguments, main, recommend_users
 
 

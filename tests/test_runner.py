@@ -90,13 +90,21 @@ def read_json_users(text: str) -> int:
     return json.loads(text)["users"]
 
 
+def test_ablation_variants_are_all_different():
+    """No two variants train the same model; Fig. 9's PID without alignment is Fig. 8's w/o all, run once."""
+    settings = [frozenset(overrides) for overrides in VARIANTS.values()]
+    assert len(set(settings)) == len(settings)
+    assert list(variant_overrides(["wo_all_align", "pid_wo_align"])) == ["wo_all_align"]
+    assert variant_overrides(["pid_wo_align"]) == {"wo_all_align": VARIANTS["wo_all_align"]}
+
+
 def test_ablation_variants():
     configs = variant_overrides(["full", "wo_all_align", "nid", "oid_wo_align", "wo_intent"])
     assert configs["full"] == [] and stages_for(configs["full"]) == ["tasks", "train", "evaluate"]
     assert set(configs["wo_all_align"]) == {"--tasks.use_index_to_preference=false", "--tasks.use_preference_to_index=false",
                                             "--tasks.use_history_to_index=false", "--tasks.use_rating=false", "--tasks.use_intent=false"}
     assert stages_for(configs["nid"]) == ["index", "tasks", "train", "evaluate"] and "--index.scheme=nid" in configs["nid"]
-    assert {"nid", "oid", "pid_wo_align", "nid_wo_align"} <= set(VARIANTS)
+    assert {"nid", "oid", "nid_wo_align", "oid_wo_align"} <= set(VARIANTS)
     with pytest.raises(UlmrecError, match="unknown variants"):
         variant_overrides(["w/o everything"])
     for overrides in VARIANTS.values():  # every variant's flags are real options of the stages it runs

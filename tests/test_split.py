@@ -147,3 +147,20 @@ def test_training_and_evaluation_prompts_hold_no_heldout_text(canary_run, tasks_
     assert any(CANARY in t for t in texts) == include
     assert not any(history_titles(p) & held[names[u]] for p, u in zip(list(train["prompt"]), list(train["user_id"])))
     assert r.user_text_provenance()["preferences"] == split.text_scope(include)
+
+
+def test_moving_the_split_moves_every_stage(monkeypatch):
+    """The stages cut sequences with `split`'s functions, not copies: three held-out interactions instead of two moves
+    retrieve's training rows and pairs, the tasks' training targets, the index's texts and the preferences' user view."""
+    from ulmrec_hf import index, retrieve, tasks
+
+    seq, reviews = [1, 2, 3, 4, 5, 6, 7], list("abcdefg")
+    monkeypatch.setattr(split, "HELD_OUT", 3)
+    assert retrieve.training_rows([seq], max_len=50) == [[1, 2, 3, 4]]
+    pairs = retrieve.user_splits([seq], 50)
+    assert pairs["train"] == [([1, 2, 3], 4)] and pairs["validation"] == [([1, 2, 3, 4], 5)]
+    assert tasks.training_targets([{"items": seq}], "last") == [(0, 3)]
+    assert tasks.training_targets([{"items": seq}], "all_prefixes") == [(0, 1), (0, 2), (0, 3)]
+    used, held = index.user_texts([{"user": "u", "items": seq, "reviews": reviews}], index.IndexArguments(), {}, None)
+    assert used == [list("abcd")] and held == [list("efg")]
+    assert preferences_mod.user_view({"user": "u", "items": seq, "reviews": reviews})["reviews"] == list("abcd")

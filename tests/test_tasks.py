@@ -172,8 +172,16 @@ def test_rating_task_is_skipped_without_ratings():
     assert "rating" not in tasks and skipped == {"rating": "the data set has no ratings"}
     tasks, skipped = enabled_tasks(TaskArguments(use_intent=False), has_ratings=True, has_index=False, has_prefs=True)
     assert set(skipped) == {"intent", "index_to_preference", "preference_to_index", "history_to_index"}
-    with pytest.raises(UlmrecError, match="cannot be disabled"):
-        enabled_tasks(TaskArguments(use_next_item=False), has_ratings=True, has_index=True, has_prefs=True)
+    assert tasks[0] == "next_item"
+
+
+def test_next_item_prediction_has_no_switch():
+    """The ranking task is always on: the option that could only raise is gone, and naming it says why."""
+    from ulmrec_hf.runner import parse_stage
+
+    assert not hasattr(TaskArguments(), "use_next_item")
+    with pytest.raises(UlmrecError, match="always on"):
+        parse_stage("tasks", ["--use_next_item", "false"])
 
 
 def test_eval_seed_fixes_test_users_across_training_seeds(inputs, tasks_flags):

@@ -69,7 +69,7 @@ def test_padding_free_training_has_the_same_loss_mask_and_first_loss(tiny_pipeli
 
 
 def test_the_adapter_and_checkpoints_hold_only_trained_rows(tiny_pipeline):
-    """No saved tensor is vocabulary-sized: the LoRA matrices and the index-token rows only (issue 16)."""
+    """No saved tensor is vocabulary-sized: the LoRA matrices and the index-token rows only."""
     vocab = len(read_json(tiny_pipeline / "ranker" / "tokenizer.json")["model"]["vocab"])
     files = [tiny_pipeline / "ranker" / "adapter_model.safetensors", *(tiny_pipeline / "ranker" / "checkpoints").glob("checkpoint-*/adapter_model.safetensors")]
     assert len(files) >= 3
@@ -98,7 +98,8 @@ def test_new_token_rows_are_trained_and_the_card_says_what_the_adapter_holds(tin
 
 
 def test_a_worse_adapter_is_flagged_in_the_card(tiny_pipeline):
-    from ulmrec_hf.train import RankerArguments, RankerModelConfig, RankerTrainingConfig, checkpoint_choice, model_card
+    from ulmrec_hf.cards import model_card
+    from ulmrec_hf.train import RankerArguments, RankerModelConfig, RankerTrainingConfig, checkpoint_choice
 
     metrics = read_json(tiny_pipeline / "ranker" / "train_metrics.json")
     config, mixture = read_json(tiny_pipeline / "ranker" / "ranker_config.json"), read_json(tiny_pipeline / "tasks" / "mixture.json")
@@ -254,8 +255,7 @@ def test_two_process_ddp_training(tasks_run, train_flags, free_port):
 def test_sharding_needs_cuda_and_qlora_storage_follows_the_sharded_dtype(monkeypatch):
     """FSDP and DeepSpeed on the CPU are refused (accelerate would train unsharded copies); QLoRA under FSDP stores the
     4-bit weights in the dtype FSDP shards, set when unset and an error when it contradicts."""
-    from trl import get_quantization_config
-
+    from ulmrec_hf.ranker import quantization_config
     from ulmrec_hf.train import RankerModelConfig, RankerTrainingConfig, sharding_problems
 
     training = RankerTrainingConfig(use_cpu=True)
@@ -272,7 +272,8 @@ def test_sharding_needs_cuda_and_qlora_storage_follows_the_sharded_dtype(monkeyp
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     derived, qlora = {}, RankerModelConfig(dtype="bfloat16", load_in_4bit=True, use_bnb_nested_quant=True)
     assert sharding_problems(qlora, training, derived) == [] and derived == {"bnb_4bit_quant_storage": "bfloat16"}
-    assert get_quantization_config(qlora).bnb_4bit_quant_storage == torch.bfloat16
+    record = train_mod.base_record(qlora)
+    assert quantization_config(record["quantization"], record["dtype"], record["double_quantization"], record["quant_storage"]).bnb_4bit_quant_storage == torch.bfloat16
     wrong = RankerModelConfig(dtype="bfloat16", load_in_4bit=True, bnb_4bit_quant_storage="uint8")
     assert "must be stored as bfloat16" in sharding_problems(wrong, training, {})[0]
 
@@ -303,3 +304,36 @@ def test_lora_last_layers_limits_the_adapter(tiny_llm):
     assert names and all(".layers.1." in n for n in names)  # the tiny model has 2 layers
     with pytest.raises(UlmrecError, match="lora_last_layers"):
         build_model(args, RankerArguments(lora_last_layers=3), tokenizer, [])
+
+
+@pytest.mark.parametrize("options", [{}, {"use_bnb_nested_quant": False}, {"bnb_4bit_quant_type": "fp4"},
+                                     {"bnb_4bit_quant_storage": "bfloat16"}])
+def test_training_and_scoring_build_the_same_quantisation(options):
+    """The config a ranker records loads the base exactly as TRL's ModelConfig would have for training."""
+    from trl import get_quantization_config
+
+    from ulmrec_hf.ranker import quantization_config
+    from ulmrec_hf.train import RankerModelConfig
+
+    args = RankerModelConfig(dtype="bfloat16", load_in_4bit=True, **{"use_bnb_nested_quant": True, **options})
+    record = train_mod.base_record(args)
+    ours = quantization_config(record["quantization"], record["dtype"], record["double_quantization"], record["quant_storage"])
+    assert ours.to_dict() == get_quantization_config(args).to_dict()
+
+
+def test_training_loads_its_base_through_the_scoring_loader(monkeypatch, tiny_llm):
+    """train.build_model and ranker.load_ranker share ranker.load_base (one place for precision, dtype and placement)."""
+    from ulmrec_hf import ranker
+    from ulmrec_hf.train import RankerArguments, RankerModelConfig, build_model
+
+    calls = []
+
+    def load_base(*args):
+        calls.append(args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ranker, "load_base", load_base)
+    args = RankerModelConfig(model_name_or_path=tiny_llm, dtype="float32", load_in_4bit=False)
+    with pytest.raises(KeyboardInterrupt):
+        build_model(args, RankerArguments(), [0] * 10, [])
+    assert calls == [(tiny_llm, "none", "float32", None, 10, False, None, "main", "sdpa")]

@@ -1,2 +1,2 @@
 """ULMRec, HuggingFace-native."""
-__version__ = "0.3.0"
+__version__ = "0.4.0"

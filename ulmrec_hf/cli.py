@@ -1,6 +1,7 @@
 """`ulmrec` console entry point: one subcommand per stage, `run RECIPE` for all of them, `ablate RECIPE` for the paper's ablations.
 
-Stage modules keep heavy imports inside `main`, so `ulmrec --help` stays fast.
+A stage's module (and what it imports: torch, transformers, trl) is imported only when that stage runs or its options
+are read (`runner.stage_module`), so `ulmrec --help` and `ulmrec --version` stay fast.
 """
 
 import difflib

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import StageArguments, UlmrecError, settings_of, write_json
-from .layout import RunDir
-from .metrics import TIE_RULE, gold_ranks, rank_and_overall, ranking_order, score_metrics, tied_gold
+from .common import StageArguments, UlmrecError, file_digest, read_json, settings_of, write_json
+from .layout import RankerFolder, RunDir
+from .metrics import TIE_RULE, agreement, fuse, gold_ranks, rank_and_overall, score_metrics, tied_gold
 
 logger = logging.getLogger(__name__)
 FUSION_WEIGHTS = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
@@ -41,16 +41,6 @@ class EvaluateArguments:
 ARGUMENTS = (StageArguments, EvaluateArguments)
 
 
-def zscore(x: np.ndarray) -> np.ndarray:
-    std = x.std(axis=1, keepdims=True)
-    return (x - x.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
-
-
-def fuse(retriever_scores: np.ndarray, letter_scores: np.ndarray, w: float) -> np.ndarray:
-    """z(retriever) + w * z(letter log-prob); log-softmax only shifts a row, so z of the logits is the same."""
-    return zscore(retriever_scores) + w * zscore(letter_scores)
-
-
 def ranks(scores: np.ndarray, gold: np.ndarray) -> list[int]:
     return gold_ranks(scores, gold).tolist()
 
@@ -70,24 +60,14 @@ def choose_weight(weights: list[float], retriever_scores: np.ndarray, letter_sco
                     "paired_se_vs_best": {str(w): round(v, 6) for w, v in se.items()}}
 
 
-def agreement(a: np.ndarray, b: np.ndarray) -> dict:
-    """How often two scorers give the same top-1 and the same top-10 (in order) per user."""
-    ta, tb = ranking_order(a), ranking_order(b)
-    return {"users": len(a), "top1_identical": float((ta[:, 0] == tb[:, 0]).mean()), "top10_identical": float((ta[:, :10] == tb[:, :10]).all(1).mean()),
-            "top10_same_set": float(np.mean([set(x[:10]) == set(y[:10]) for x, y in zip(ta, tb)]))}
-
-
 def ranker_folder(run: RunDir, args: EvaluateArguments) -> Path:
     """The ranker to score: this run's, which must have been trained on this run's tasks, or the one given."""
-    from .common import read_json
-
     if args.ranker:
         folder = Path(args.ranker)
-        if read_json(folder / "ranker_config.json")["letter_token_ids"] != run.mixture()["letter_token_ids"]:
+        if RankerFolder(folder).read_config()["letter_token_ids"] != run.mixture()["letter_token_ids"]:
             raise UlmrecError(f"evaluate: {folder} reads other answer-letter ids than this run's prompts (another tokenizer)")
         return folder
-    trained_on = read_json(run.require("train") / "_COMPLETE")["inputs"]["tasks"]
-    if trained_on != run.stage_fingerprint("tasks"):
+    if run.stage_inputs("train")["tasks"] != run.stage_fingerprint("tasks"):
         raise UlmrecError(f"evaluate: {run.ranker} was trained on other tasks than {run.path('tasks')} holds now; "
                           "run `ulmrec train --overwrite`, or score it explicitly with --ranker")
     return run.ranker
@@ -112,10 +92,9 @@ def score(model, tokenizer, config, data, args: EvaluateArguments, name: str) ->
 def validation_scores(run: RunDir, args: EvaluateArguments, model, tokenizer, config, validation) -> tuple[np.ndarray, str]:
     """The ranker's validation scores: those training computed with the kept model when this is that model, as trained,
     on the same prompts (the same numbers; one pass saved), else scored here."""
-    from .common import read_json
     from .prompts import prompts_digest
 
-    saved = None if args.zero_shot or args.merge_adapter else ranker_folder(run, args) / "validation_scores.json"
+    saved = None if args.zero_shot or args.merge_adapter else RankerFolder(ranker_folder(run, args)).validation_scores
     if saved is not None and saved.exists():
         record = read_json(saved)
         if record["prompts_sha256"] == prompts_digest(validation["prompt"]):
@@ -133,49 +112,57 @@ def merge_check(run: RunDir, args: EvaluateArguments, validation) -> dict:
 
 
 def main(stage: StageArguments, args: EvaluateArguments) -> Path:
-    import datasets
-
     run = RunDir(stage.run_dir)
     if args.zero_shot and (args.merge_adapter or args.ranker):
         raise UlmrecError("evaluate: --zero_shot scores the base model; it has no adapter to merge or load")
     inputs = ("tasks",) if args.zero_shot or args.ranker else ("tasks", "train")
     settings = {**settings_of(args), "ranking": TIE_RULE, "ranker_fingerprint": ranker_fingerprint(args.ranker)}
     if not run.begin("evaluate", settings, stage.overwrite, inputs=inputs):
-        print(run.path("evaluate").joinpath("table.md").read_text())
+        print(run.eval_table.read_text())
         return run.path("evaluate")
-    out, meta, mixture = run.path("evaluate"), run.eval_meta(), run.mixture()
-    validation, test = run.task("next_item_validation"), run.task("next_item_test")
+    validation, test, meta = run.eval_set("validation"), run.eval_set("test"), run.eval_meta()
     checked = merge_check(run, args, validation) if args.merge_adapter else None
     model, tokenizer, config = load_model(run, args, merge=args.merge_adapter)
-    summary = {"ranker": config["ranker"] if args.zero_shot else str(ranker_folder(run, args)), "loaded_as": config["loaded_as"], "protocol": mixture["protocol"],
-               "tie_rule": TIE_RULE, "user_text": run.user_text_provenance(), "users": {split: meta[split] for split in ("validation", "test")}}
+    summary = {"ranker": config["ranker"] if args.zero_shot else str(ranker_folder(run, args)), "loaded_as": config["loaded_as"],
+               "protocol": run.mixture()["protocol"], "tie_rule": TIE_RULE, "user_text": run.user_text_provenance(),
+               "users": {split: meta[split] for split in ("validation", "test")}}
     val_scores, summary["validation_scores"] = validation_scores(run, args, model, tokenizer, config, validation)
     if checked:
         summary["merge_agreement"] = {"compared_with": checked["loaded_as"], **agreement(checked["as_trained"], val_scores)}
-    w, choice = choose_weight(args.fusion_weights, np.array(validation["retriever_scores"]), val_scores, np.array(validation["target_position"]))
-    summary["fusion"] = {"weight": w, "chosen_on": "validation rank NDCG@10: the smallest w within one paired standard error of the best",
-                         "best_weight": choice["best"], "validation_ndcg@10_by_weight": choice["curve"],
-                         "paired_se_vs_best": choice["paired_se_vs_best"]}
+    w, summary["fusion"] = fusion_weight(args, validation, val_scores)
     summary["validation"] = split_metrics(validation, val_scores, w, meta["validation"]["users"])
     test_scores = score(model, tokenizer, config, test, args, "test")
     summary["test"] = split_metrics(test, test_scores, w, meta["test"]["users"])
     per_user = {"validation": per_user_table(validation, val_scores, w), "test": per_user_table(test, test_scores, w)}
-    uid_only = run.task("next_item_test_uid_only")
+    uid_only = run.eval_set("test", uid_only=True)
     if args.uid_only and uid_only is not None:
         uid_scores = score(model, tokenizer, config, uid_only, args, "test uid-only")
-        uid_ranks = ranks(uid_scores, np.array(uid_only["target_position"]))
         summary["test"]["ranker_uid_only"] = score_metrics(uid_scores, np.array(uid_only["target_position"]), meta["test"]["users"])
-        per_user["test"] = per_user["test"].add_column("rank_uid_only", uid_ranks)
+        per_user["test"] = per_user["test"].add_column("rank_uid_only", ranks(uid_scores, np.array(uid_only["target_position"])))
     untrained = None if args.zero_shot else untrained_validation(ranker_folder(run, args))
     if untrained is not None:
         summary["validation"]["untrained_rank_ndcg@10"] = untrained
-    write_json(out / "metrics.json", summary)
-    datasets.DatasetDict(per_user).save_to_disk(str(out / "per_user"))
-    table = markdown_table(summary)
-    (out / "table.md").write_text(table)
-    print(table)
+    save(run, summary, per_user)
     run.finish("evaluate")
-    return out
+    return run.path("evaluate")
+
+
+def fusion_weight(args: EvaluateArguments, validation, val_scores: np.ndarray) -> tuple[float, dict]:
+    """The fusion weight chosen on validation, and its record for metrics.json."""
+    w, choice = choose_weight(args.fusion_weights, np.array(validation["retriever_scores"]), val_scores, np.array(validation["target_position"]))
+    return w, {"weight": w, "chosen_on": "validation rank NDCG@10: the smallest w within one paired standard error of the best",
+               "best_weight": choice["best"], "validation_ndcg@10_by_weight": choice["curve"], "paired_se_vs_best": choice["paired_se_vs_best"]}
+
+
+def save(run: RunDir, summary: dict, per_user: dict) -> None:
+    """metrics.json, the per-user ranks and table.md (printed)."""
+    import datasets
+
+    write_json(run.eval_metrics_file, summary)
+    datasets.DatasetDict(per_user).save_to_disk(str(run.eval_per_user))
+    table = markdown_table(summary)
+    run.eval_table.write_text(table)
+    print(table)
 
 
 def split_metrics(data, scores: np.ndarray, w: float, total_users: int) -> dict:
@@ -198,21 +185,17 @@ def per_user_table(data, scores: np.ndarray, w: float):
 
 def untrained_validation(folder: Path) -> float | None:
     """The untrained model's validation NDCG@10 that training measured (same validation users when the ranker is this run's)."""
-    from .common import read_json
-
-    metrics = read_json(folder / "train_metrics.json").get("untrained") if (folder / "train_metrics.json").exists() else None
+    path = RankerFolder(folder).train_metrics
+    metrics = read_json(path).get("untrained") if path.exists() else None
     return metrics["untrained_ndcg@10"] if metrics else None
 
 
 def ranker_fingerprint(folder: str | None) -> str | None:
     """What identifies a ranker given with --ranker: its own completion record, or its adapter's bytes."""
-    import hashlib
-
     if not folder:
         return None
-    record = Path(folder) / "_COMPLETE"
-    data = record.read_bytes() if record.exists() else (Path(folder) / "adapter_model.safetensors").read_bytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    files = RankerFolder(folder)
+    return file_digest(files.complete) or file_digest(files.adapter)
 
 
 def markdown_table(summary: dict) -> str:

@@ -21,9 +21,8 @@ ARGUMENTS = (RunArguments, ExplainArguments)
 def main(run_args: RunArguments, args: ExplainArguments) -> str:
     import torch
 
-    from .prompts import HEADER
+    from .prompts import build_builder
     from .ranker import load_ranker
-    from .tasks import recorded_arguments
 
     run = RunDir(run_args.run_dir)
     model, tokenizer, _ = load_ranker(run.require("train"))
@@ -34,7 +33,7 @@ def main(run_args: RunArguments, args: ExplainArguments) -> str:
         if args.user not in lookup:
             raise UlmrecError("explain: give --index '<a_..>...' or a known --user")
         index = lookup[args.user]
-    prompt = HEADER.format(instruction=recorded_arguments(run).instruction_index_to_preference, body=f"User: {index}")
+    prompt = build_builder(tokenizer, {}, run.prompt_settings()).prompt("index_to_preference", {"user": index})
     enc = tokenizer(prompt, return_tensors="pt").to(next(model.parameters()).device)
     with torch.inference_mode():
         out = model.generate(**enc, max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from .common import RunArguments, UlmrecError, read_json, write_json
-from .layout import RunDir
+from .layout import CARD, EXPORT_FILE, RankerFolder, RunDir
 
 logger = logging.getLogger(__name__)
-EXPORT_FILE = "ulmrec_export.json"
 
 
 @dataclass
@@ -36,7 +35,7 @@ ARGUMENTS = (RunArguments, ExportArguments)
 
 
 def export_dir(run: RunDir, args: ExportArguments) -> Path:
-    return Path(args.output) if args.output else run.root / "export"
+    return Path(args.output) if args.output else run.export
 
 
 def export_dtype(config: dict, dtype: str | None) -> str:
@@ -67,7 +66,7 @@ def as_trained_scores(ranker: Path, prompts: list[str], n: int, batch_size: int)
     from .prompts import prompts_digest
     from .ranker import load_ranker, score_prompts
 
-    saved = ranker / "validation_scores.json"
+    saved = RankerFolder(ranker).validation_scores
     if saved.exists():
         record = read_json(saved)
         if record["prompts_sha256"] == prompts_digest(prompts):
@@ -81,11 +80,10 @@ def compare(run: RunDir, out: Path, config: dict, dtype: str, args: ExportArgume
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .evaluate import agreement
-    from .metrics import score_metrics
+    from .metrics import agreement, score_metrics
     from .ranker import default_device, score_prompts
 
-    validation = run.task("next_item_validation")
+    validation = run.eval_set("validation")
     n = len(validation) if args.check_users is None else min(args.check_users, len(validation))
     prompts, gold = validation["prompt"][:n], np.array(validation["target_position"][:n])
     reference, source = as_trained_scores(run.ranker, validation["prompt"], n, args.batch_size)
@@ -102,31 +100,22 @@ def record(run: RunDir, config: dict, dtype: str, check: dict) -> dict:
     from .llm import hub_model_id
     from .metrics import TIE_RULE
     from .prompts import HEADER, LETTERS
-    from .tasks import recorded_arguments
 
-    tasks = recorded_arguments(run)
+    tasks = run.prompt_settings()
     return {"ulmrec_hf": __version__, "ranker": str(run.ranker), "base_model": config["base_model"], "base_model_hub_id": hub_model_id(config["base_model"]),
             "trained_as": {"quantization": config["quantization"], "dtype": config["dtype"]}, "dtype": dtype, "merge": merge_note(config, dtype),
             "letters": list(LETTERS[:config["num_candidates"]]), "letter_token_ids": config["letter_token_ids"], "num_candidates": config["num_candidates"],
             "index_tokens": config["index_tokens"], "padding_side": "left", "prompt_template": HEADER,
-            "instructions": {name[len("instruction_"):]: value for name, value in vars(tasks).items() if name.startswith("instruction_")},
-            "prompt": {"history_len": tasks.history_len, "max_length": tasks.max_length, "title_max_tokens": tasks.title_max_tokens},
+            "instructions": {name[len("instruction_"):]: value for name, value in tasks.items() if name.startswith("instruction_")},
+            "prompt": {key: tasks[key] for key in ("history_len", "max_length", "title_max_tokens")},
             "protocol": config["protocol"], "tie_rule": TIE_RULE, "validation_check": check}
-
-
-def card_export(info: dict) -> dict:
-    """What the model card says about an export (from its `ulmrec_export.json`)."""
-    check = info["validation_check"]
-    return {"dtype": info["dtype"], "merge": f"{info['merge']} On {check['users']} validation users it ranks the same top-1 as the ranker as "
-                                            f"trained for {check['top1_identical']:.1%} of them and the same top-10 for {check['top10_identical']:.1%} "
-                                            f"(largest letter-score difference {check['max_abs_score_difference']:.2g})."}
 
 
 def main(run_args: RunArguments, args: ExportArguments) -> Path:
     from transformers import AutoTokenizer
 
     from .ranker import load_ranker
-    from .train import run_card
+    from .cards import card_export, run_card
 
     run = RunDir(run_args.run_dir)
     config = run.ranker_config()
@@ -140,7 +129,7 @@ def main(run_args: RunArguments, args: ExportArguments) -> Path:
     del model
     info = record(run, config, dtype, compare(run, out, config, dtype, args))
     write_json(out / EXPORT_FILE, info)
-    run_card(run, export=card_export(info)).save(out / "README.md")
+    run_card(run, export=card_export(info)).save(out / CARD)
     check = info["validation_check"]
     print(f"export: {out} ({dtype}); on {check['users']} validation users top-1 identical {check['top1_identical']:.3f}, "
           f"top-10 identical {check['top10_identical']:.3f}, largest score difference {check['max_abs_score_difference']:.2g}")

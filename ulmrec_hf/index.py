@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import StageArguments, UlmrecError, read_json, settings_of, write_json
+from .common import StageArguments, UlmrecError, file_digest, read_json, read_preference_file, settings_of, write_json
 from .layout import RunDir, fingerprint
 from .split import IMPORTED, text_scope, training_part
 
@@ -120,7 +120,7 @@ def embedding_cache(run: RunDir, args: IndexArguments, texts: list[str]) -> Path
     """A named cache folder keyed by everything that changes the vectors: encoder, its revision, max length, texts."""
     unique = sorted(set(texts))
     key = fingerprint([args.encoder, encoder_revision(args.encoder), args.encoder_max_length, hashlib.sha256("\x00".join(unique).encode()).hexdigest()])
-    return run.cache("embeddings", key)
+    return run.embedding_cache(key)
 
 
 def encode_cached(texts: list[str], encoder_factory, cache: Path, shard_size: int):
@@ -180,11 +180,7 @@ def text_provenance(run: RunDir, args: IndexArguments) -> str:
 
 
 def load_preferences(run: RunDir, args: IndexArguments) -> dict:
-    if args.preferences_file:
-        from .preferences import load_import
-
-        return load_import(args.preferences_file)
-    return run.preferences()
+    return read_preference_file(args.preferences_file) if args.preferences_file else run.preferences()
 
 
 def flatten(texts: list[list[str]], row_of: dict, torch):
@@ -295,43 +291,60 @@ def simple_scheme(users: list[dict], args: IndexArguments) -> tuple[list[str], l
     return strings, sorted({t for s in strings for t in re.findall(r"<[^<>]+>", s)})
 
 
-def save_index(out: Path, users: list[dict], strings: list[str], codes, tokens: list[str]):
+def save_index(run: RunDir, users: list[dict], strings: list[str], codes, tokens: list[str]):
     import datasets
 
     columns = {"user_id": [u["user_id"] for u in users], "user": [u["user"] for u in users], "index": strings}
     if codes is not None:
         columns["codes"] = codes.tolist()
-    tmp = out / "index.tmp"
-    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp))
-    if (out / "index").exists():
+    datasets.Dataset.from_dict(columns).save_to_disk(str(run.index_dataset_tmp))
+    if run.index_dataset.exists():
         import shutil
 
-        shutil.rmtree(out / "index")
-    tmp.replace(out / "index")
-    write_json(out / "tokens.json", tokens)
+        shutil.rmtree(run.index_dataset)
+    run.index_dataset_tmp.replace(run.index_dataset)
+    write_json(run.index_tokens_file, tokens)
 
 
 def main(stage: StageArguments, args: IndexArguments) -> Path:
     run = RunDir(stage.run_dir)
     if args.add_users:
         return add_users(run, args)
-    inputs = ("prepare", "preferences") if args.text_source == "preferences" and not args.preferences_file and args.scheme == "pid" else ("prepare",)
-    settings = {**settings_of(args), "preferences_file_digest": file_digest(args.preferences_file), "import_file_digest": file_digest(args.import_file)}
-    if not run.begin("index", settings, stage.overwrite, inputs=inputs):
+    if not run.begin("index", index_settings(args), stage.overwrite, inputs=index_inputs(args)):
         return run.path("index")
+    start, users = time.time(), run.prepared()["users"].to_list()
+    stats = {"scheme": args.scheme, "users": len(users), "user_text": text_provenance(run, args)}
+    if args.scheme == "pid":
+        strings, codes, tokens, built = build_pid(run, args, users)
+        stats.update(built)
+    else:
+        (strings, tokens), codes = simple_scheme(users, args), None
+        stats.update(unique=len(set(strings)), collision_rate_after=round(1 - len(set(strings)) / len(users), 6))
+    save_index(run, users, strings, codes, tokens)
+    write_json(run.index_stats_file, {**stats, "wall_time_s": round(time.time() - start, 2)})
+    run.finish("index")
+    if args.scheme == "pid":
+        logger.info("index: %d users, collision rate %.4f before -> %.4f after (%d moved), level-1 usage %d/%d", len(users),
+                    stats["collision_rate_before"], stats["collision_rate_after"], stats["users_moved"], stats["codebook"][0]["codes_used"],
+                    args.rq_codebook_size)
+    return run.path("index")
+
+
+def index_inputs(args: IndexArguments) -> tuple[str, ...]:
+    """The earlier stages the index reads: the preferences stage only when its sentences are the pid index's texts."""
+    return ("prepare", "preferences") if args.text_source == "preferences" and not args.preferences_file and args.scheme == "pid" else ("prepare",)
+
+
+def index_settings(args: IndexArguments) -> dict:
+    return {**settings_of(args), "preferences_file_digest": file_digest(args.preferences_file), "import_file_digest": file_digest(args.import_file)}
+
+
+def build_pid(run: RunDir, args: IndexArguments, users: list[dict]) -> tuple[list[str], object, list[str], dict]:
+    """The paper's index: encode each user's texts, pool them with the ID attention, quantise with the RQ-VAE and repair
+    collisions; (index strings, codes, tokens, stats)."""
     import torch
 
-    out, data, start = run.path("index"), run.prepared(), time.time()
-    users = data["users"].to_list()
-    stats = {"scheme": args.scheme, "users": len(users), "user_text": text_provenance(run, args)}
-    if args.scheme != "pid":
-        strings, tokens = simple_scheme(users, args)
-        stats.update(unique=len(set(strings)), collision_rate_after=round(1 - len(set(strings)) / len(users), 6))
-        save_index(out, users, strings, None, tokens)
-        write_json(out / "stats.json", {**stats, "wall_time_s": round(time.time() - start, 2)})
-        run.finish("index")
-        return out
-    if args.text_source == "reviews" and "reviews" not in data["users"].column_names:
+    if args.text_source == "reviews" and "reviews" not in run.prepared()["users"].column_names:
         raise UlmrecError(f"{run.path('prepare')}: this data set has no review text; use --text_source preferences or titles")
     prefs = load_preferences(run, args) if args.text_source == "preferences" else None
     texts, _ = user_texts(users, args, run.titles(), prefs)
@@ -341,46 +354,51 @@ def main(stage: StageArguments, args: IndexArguments) -> Path:
     emb, row_of, encoded_shards = encode_cached(all_texts, lambda: TextEncoder(args.encoder, args.encoder_batch_size, args.encoder_max_length),
                                                 cache, args.encoder_shard_size)
     queries = emb[[row_of[q] for q in queries_text]]
-    from .models.user_index import IdAttention, resolve_collisions
+    attention, attention_loss, resumed = id_attention(run, args, emb, texts, row_of, queries)
+    x, without_text = pool_users(attention, emb, texts, row_of, queries, torch)
+    codes, stats = quantise(run, args, x)
+    strings = [code_string(c) for c in codes]
+    tokens = [level_token(level, c) for level in range(args.rq_levels) for c in range(args.rq_codebook_size)]
+    stats = {"text_source": args.text_source, "encoder": args.encoder, "encoder_revision": encoder_revision(args.encoder),
+             "embedding_cache": str(cache), "heldout_text_excluded": not args.include_heldout_text,
+             "texts": sum(map(len, texts)), "users_without_text": without_text, "shards_encoded_this_run": encoded_shards,
+             "resumed": {"embedding_shards_from_cache": encoded_shards < math.ceil(len(row_of) / args.encoder_shard_size),
+                         "attention_already_trained": resumed},
+             "attention_final_infonce": attention_loss, **stats, "unique": len(set(strings))}
+    return strings, codes, tokens, stats
+
+
+def id_attention(run: RunDir, args: IndexArguments, emb, texts, row_of, queries):
+    """The ID attention A, trained contrastively, or read back when an interrupted run with these settings trained it;
+    (attention, final loss, whether it was read back)."""
+    import torch
+
+    from .models.user_index import IdAttention
 
     torch.manual_seed(args.seed)
-    resumed = (out / "attention.json").exists()  # an interrupted run with these settings already trained A
-    if resumed:
-        logger.info("index: resuming: the ID attention in %s is already trained", out / "attention")
-        attention, attention_loss = IdAttention.from_pretrained(out / "attention"), read_json(out / "attention.json")["final_loss"]
-    else:
-        attention = IdAttention(emb.size(1))
-        attention_loss = train_attention(attention, emb, texts, row_of, queries, args, args.seed, torch)
-        attention.save_pretrained(out / "attention")
-        write_json(out / "attention.json", {"final_loss": attention_loss})
-    x, without_text = pool_users(attention, emb, texts, row_of, queries, torch)
+    if run.index_attention_record.exists():
+        logger.info("index: resuming: the ID attention in %s is already trained", run.index_attention)
+        return IdAttention.from_pretrained(run.index_attention), read_json(run.index_attention_record)["final_loss"], True
+    attention = IdAttention(emb.size(1))
+    loss = train_attention(attention, emb, texts, row_of, queries, args, args.seed, torch)
+    attention.save_pretrained(run.index_attention)
+    write_json(run.index_attention_record, {"final_loss": loss})
+    return attention, loss, False
+
+
+def quantise(run: RunDir, args: IndexArguments, x):
+    """Train the RQ-VAE on x_u (saved), quantise every user and repair collisions; (codes, stats)."""
+    import torch
+
+    from .models.user_index import resolve_collisions
+
     rq, losses = train_rqvae(x, args, args.seed, torch)
-    rq.save_pretrained(out / "rqvae")
+    rq.save_pretrained(run.index_rqvae)
     codes, dists = rq.level_distances(x)
     before = collision_rate(codes)
     codes, moved = resolve_collisions(codes, dists)
-    strings = [code_string(c) for c in codes]
-    tokens = [level_token(level, c) for level in range(args.rq_levels) for c in range(args.rq_codebook_size)]
-    save_index(out, users, strings, codes, tokens)
-    stats.update({
-        "text_source": args.text_source, "encoder": args.encoder, "encoder_revision": encoder_revision(args.encoder),
-        "embedding_cache": str(cache), "heldout_text_excluded": not args.include_heldout_text,
-        "texts": sum(map(len, texts)), "users_without_text": without_text, "shards_encoded_this_run": encoded_shards,
-        "resumed": {"embedding_shards_from_cache": encoded_shards < math.ceil(len(row_of) / args.encoder_shard_size),
-                    "attention_already_trained": resumed},
-        "attention_final_infonce": attention_loss, **losses,
-        "collision_rate_before": round(before, 6), "users_moved": moved, "collision_rate_after": round(collision_rate(codes), 6),
-        "unique": len(set(strings)), "codebook": usage_stats(codes, args.rq_codebook_size), "wall_time_s": round(time.time() - start, 2),
-    })
-    write_json(out / "stats.json", stats)
-    run.finish("index")
-    logger.info("index: %d users, collision rate %.4f before -> %.4f after (%d moved), level-1 usage %d/%d",
-                len(users), before, stats["collision_rate_after"], moved, stats["codebook"][0]["codes_used"], args.rq_codebook_size)
-    return out
-
-
-def file_digest(path: str | None) -> str | None:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).exists() else None
+    return codes, {**losses, "collision_rate_before": round(before, 6), "users_moved": moved,
+                   "collision_rate_after": round(collision_rate(codes), 6), "codebook": usage_stats(codes, args.rq_codebook_size)}
 
 
 def add_users(run: RunDir, args: IndexArguments) -> Path:
@@ -392,7 +410,7 @@ def add_users(run: RunDir, args: IndexArguments) -> Path:
     from .models.user_index import RQVAE, IdAttention, resolve_collisions
 
     out = run.require("index")
-    if not (out / "rqvae" / "config.json").exists():
+    if not run.index_rqvae.joinpath("config.json").exists():
         raise UlmrecError(f"{out}: no trained pid index; run `ulmrec index --scheme pid` first")
     new = []
     for n, line in enumerate(Path(args.add_users).read_text().splitlines(), 1):
@@ -403,11 +421,12 @@ def add_users(run: RunDir, args: IndexArguments) -> Path:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise UlmrecError(f"{args.add_users}:{n}: expected JSON with 'user' and 'texts' ({e})") from None
     index = run.index_table()
-    clash = [u for u, _ in new if u in set(index["user"])]
+    indexed = set(index["user"])
+    clash = [u for u, _ in new if u in indexed]
     if clash:
         raise UlmrecError(f"{args.add_users}: users already indexed: {clash[:5]}")
     settings = run.settings("index")
-    attention, rq = IdAttention.from_pretrained(out / "attention").eval(), RQVAE.from_pretrained(out / "rqvae").eval()
+    attention, rq = IdAttention.from_pretrained(run.index_attention).eval(), RQVAE.from_pretrained(run.index_rqvae).eval()
     texts, queries_text = [t for _, t in new], [u for u, _ in new]
     unique = sorted({t for ts in texts for t in ts} | set(queries_text))
     emb = TextEncoder(settings["encoder"], args.encoder_batch_size, settings["encoder_max_length"]).encode(unique)
@@ -419,11 +438,11 @@ def add_users(run: RunDir, args: IndexArguments) -> Path:
     rows = [{"user_id": next_id + i, "user": u, "index": code_string(c), "codes": c.tolist()} for i, (u, c) in enumerate(zip(queries_text, codes))]
     merged = datasets.concatenate_datasets([index, datasets.Dataset.from_list(rows, features=index.features)])
     users = [{"user_id": a, "user": b} for a, b in zip(merged["user_id"], merged["user"])]
-    save_index(out, users, merged["index"], np.array(merged["codes"]), read_json(out / "tokens.json"))
-    stats = read_json(out / "stats.json")
+    save_index(run, users, merged["index"], np.array(merged["codes"]), run.index_tokens())
+    stats = run.index_stats()
     stats.setdefault("added_users", []).append({"file": args.add_users, "users": len(rows), "moved": moved})
     stats["unique"] = len(set(merged["index"]))
-    write_json(out / "stats.json", stats)
+    write_json(run.index_stats_file, stats)
     run.amend("index", {"added_users": stats["added_users"]})
     logger.info("index: added %d users (%d moved to a free code); %d unique indices", len(rows), moved, stats["unique"])
     return out

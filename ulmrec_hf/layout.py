@@ -1,22 +1,31 @@
-"""The run directory: the one place that knows where each stage's output lives and which settings made it.
+"""The run directory: the one place that knows the name of every file a stage writes or reads, and which settings made it.
 
     runs/<name>/
       data/          prepare      DatasetDict (users, items), stats.json, README.md (dataset card)
-      retriever/     retrieve     model/ (save_pretrained), checkpoint/ (resume), runs/ (TensorBoard), metrics.json, candidates/
+      retriever/     retrieve     model/ (save_pretrained), checkpoint/ (resume: accelerate state + trainer_state.json),
+                                  runs/ (TensorBoard), metrics.json, candidates/ (DatasetDict train/validation/test)
       preferences/   preferences  preferences.jsonl, summary.json, failures.json
-      user_index/    index        index/ (user -> index string), tokens.json, attention/, rqvae/, stats.json
-      tasks/         tasks        one dataset per task, train/, next_item_{validation,test}[_uid_only]/, mixture.json, eval_meta.json
-      ranker/        train        PEFT adapter (LoRA + index-token rows) + tokenizer + README.md, ranker_config.json,
-                                  train_metrics.json, validation_scores.json, checkpoints/ (with TensorBoard's runs/)
+      user_index/    index        index/ (user -> index string; index.tmp/ while it is written), tokens.json, attention/
+                                  and attention.json (the trained ID attention and its final loss), rqvae/, stats.json
+      tasks/         tasks        one dataset per task (next_item/, index_to_preference/, ...), the mixed train/,
+                                  next_item_{validation,test}[_uid_only]/, mixture.json, eval_meta.json, _scratch/ (while it runs)
+      ranker/        train        PEFT adapter (adapter_model.safetensors, adapter_config.json) + tokenizer + README.md,
+                                  ranker_config.json, train_metrics.json, untrained_metrics.json, validation_scores.json,
+                                  checkpoints/ (with TensorBoard's runs/)
       eval/          evaluate     metrics.json, table.md, per_user/
-      cache/         named caches that survive --overwrite, keyed by everything that changes their content
-      push/          push         the folders `push --dry_run` writes
+      cache/         named caches that survive --overwrite, keyed by everything that changes their content:
+                     preferences/responses.jsonl (every answer), embeddings/<key>/ (index's text-encoder shards)
+      export/        export       the merged model (default folder), ulmrec_export.json, README.md
+      push/          push         the folders `push --dry_run` writes: model/, export/, dataset/
 
 Each stage folder holds `_STAGE.json` (the settings and input fingerprints it was started with) and, once finished,
 `_COMPLETE` (the same plus a fingerprint that later stages record as their input). A finished stage asked to run again
 with the same settings and inputs is skipped; with other settings it stops with the differences; `--overwrite` deletes
 the folder and computes it again. An unfinished folder of a resumable stage (retrieve, index, train) is resumed when
 its settings are the same and refused otherwise; other stages simply start again.
+
+A trained ranker folder (`ranker/`, a folder given to `evaluate --ranker`, or a Hub snapshot) is read through
+`RankerFolder`, which names its files.
 """
 
 import hashlib
@@ -27,7 +36,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .common import UlmrecError, read_json, write_json
+from .common import UlmrecError, read_json, write_json, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +44,14 @@ RESUMABLE = {"retrieve", "index", "train"}  # stages whose unfinished folder hol
 FOLDERS = {"prepare": "data", "retrieve": "retriever", "preferences": "preferences", "index": "user_index", "tasks": "tasks",
            "train": "ranker", "evaluate": "eval"}
 STARTED, COMPLETE = "_STAGE.json", "_COMPLETE"
+CARD = "README.md"  # the model or dataset card of a folder
+EXPORT_FILE = "ulmrec_export.json"  # what a server needs besides an exported model
+# Every name this module gives to a file or folder inside a stage folder (the tests keep them out of other modules).
+NAMES = {STARTED, COMPLETE, CARD, EXPORT_FILE, "stats.json", "model", "checkpoint", "runs", "metrics.json", "candidates", "preferences.jsonl",
+         "summary.json", "failures.json", "index", "index.tmp", "tokens.json", "attention", "attention.json", "rqvae", "train",
+         "mixture.json", "eval_meta.json", "_scratch", "ranker_config.json", "train_metrics.json", "untrained_metrics.json",
+         "validation_scores.json", "adapter_model.safetensors", "checkpoints", "table.md", "per_user", "responses.jsonl", "embeddings",
+         "cache", "export", "push", "dataset"}
 
 
 def main_process() -> bool:
@@ -163,16 +180,37 @@ class RunDir:
             out[name] = self.stage_fingerprint(name)
         return out
 
-    # -- named caches, logs and the push folder ---------------------------------------------------------------------------
+    def stage_inputs(self, stage: str) -> dict:
+        """The input fingerprints a finished stage was made from."""
+        return read_json(self.require(stage) / COMPLETE)["inputs"]
+
+    # -- named caches, logs, the export and push folders ------------------------------------------------------------------
     def cache(self, *parts: str) -> Path:
         return self.root.joinpath("cache", *parts)
+
+    @property
+    def preferences_cache(self) -> Path:
+        return self.cache("preferences", "responses.jsonl")
+
+    def embedding_cache(self, key: str) -> Path:
+        return self.cache("embeddings", key)
 
     def logs(self, stage: str) -> Path:
         return self.path(stage) / "runs"
 
     @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
     def push(self) -> Path:
         return self.root / "push"
+
+    def push_folder(self, kind: str) -> Path:
+        """`model`, `export` or `dataset`: what `push` uploads to each repository."""
+        if kind not in ("model", "export", "dataset"):
+            raise ValueError(kind)
+        return self.push / kind
 
     # -- prepare ----------------------------------------------------------------------------------------------------------
     def prepared(self):
@@ -184,6 +222,14 @@ class RunDir:
         items = self.prepared()["items"]
         return dict(zip(items["item_id"], items["title"]))
 
+    @property
+    def dataset_card(self) -> Path:
+        return self.path("prepare") / CARD
+
+    @property
+    def prepare_stats_file(self) -> Path:
+        return self.path("prepare") / "stats.json"
+
     # -- retrieve ---------------------------------------------------------------------------------------------------------
     @property
     def retriever_model(self) -> Path:
@@ -193,17 +239,42 @@ class RunDir:
     def retriever_checkpoint(self) -> Path:
         return self.path("retrieve") / "checkpoint"
 
+    @property
+    def retriever_metrics_file(self) -> Path:
+        return self.path("retrieve") / "metrics.json"
+
+    @property
+    def candidates_path(self) -> Path:
+        return self.path("retrieve") / "candidates"
+
+    def retriever_metrics(self) -> dict:
+        self.require("retrieve")
+        return read_json(self.retriever_metrics_file)
+
     def candidates(self, split: str | None = None):
         """The retriever's top-k per user (`train`, `validation`, `test`), or one split of them."""
         import datasets
 
-        data = datasets.load_from_disk(str(self.require("retrieve") / "candidates"))
+        self.require("retrieve")
+        data = datasets.load_from_disk(str(self.candidates_path))
         return data[split] if split else data
 
     # -- preferences ------------------------------------------------------------------------------------------------------
     @property
     def preferences_file(self) -> Path:
         return self.path("preferences") / "preferences.jsonl"
+
+    @property
+    def preferences_summary_file(self) -> Path:
+        return self.path("preferences") / "summary.json"
+
+    @property
+    def preferences_failures_file(self) -> Path:
+        return self.path("preferences") / "failures.json"
+
+    def write_preferences(self, rows) -> None:
+        """preferences.jsonl, written atomically: an interrupted write leaves the old file."""
+        write_jsonl(self.preferences_file, rows)
 
     def preferences(self, required: bool = True) -> dict[str, str]:
         """user (original id) -> preference sentence; {} when the stage has not run and `required` is False."""
@@ -213,20 +284,53 @@ class RunDir:
         with open(self.preferences_file) as f:
             return {row["user"]: row["preference"] for row in map(json.loads, f)}
 
+    def preferences_summary(self) -> dict:
+        self.require("preferences")
+        return read_json(self.preferences_summary_file)
+
     def user_text_provenance(self) -> dict[str, str]:
         """Which interactions the text derived from each user came from (see `split`): preferences and index."""
         unknown = "not recorded (made before ulmrec-hf 0.3, which read all interactions)"
         out = {}
-        for stage, name in (("preferences", "summary.json"), ("index", "stats.json")):
-            path = self.path(stage) / name
+        for stage, path in (("preferences", self.preferences_summary_file), ("index", self.index_stats_file)):
             out[stage] = (read_json(path).get("user_text", unknown) if path.exists() else unknown) if self.is_complete(stage) else "stage not run"
         return out
 
     # -- index ------------------------------------------------------------------------------------------------------------
+    @property
+    def index_dataset(self) -> Path:
+        return self.path("index") / "index"
+
+    @property
+    def index_dataset_tmp(self) -> Path:
+        return self.path("index") / "index.tmp"
+
+    @property
+    def index_tokens_file(self) -> Path:
+        return self.path("index") / "tokens.json"
+
+    @property
+    def index_stats_file(self) -> Path:
+        return self.path("index") / "stats.json"
+
+    @property
+    def index_attention(self) -> Path:
+        return self.path("index") / "attention"
+
+    @property
+    def index_attention_record(self) -> Path:
+        """The trained ID attention's final loss; its presence means A is trained (an interrupted run resumes after it)."""
+        return self.path("index") / "attention.json"
+
+    @property
+    def index_rqvae(self) -> Path:
+        return self.path("index") / "rqvae"
+
     def index_table(self):
         import datasets
 
-        return datasets.load_from_disk(str(self.require("index") / "index"))
+        self.require("index")
+        return datasets.load_from_disk(str(self.index_dataset))
 
     def index(self) -> dict[str, str]:
         """user (original id) -> index string ('' for the `none` scheme)."""
@@ -234,20 +338,52 @@ class RunDir:
         return dict(zip(table["user"], table["index"]))
 
     def index_tokens(self) -> list[str]:
-        return read_json(self.require("index") / "tokens.json")
+        self.require("index")
+        return read_json(self.index_tokens_file)
+
+    def index_stats(self) -> dict:
+        self.require("index")
+        return read_json(self.index_stats_file)
 
     # -- tasks ------------------------------------------------------------------------------------------------------------
+    def task_path(self, name: str) -> Path:
+        """A task's dataset folder: a task name, `train` (the mixture) or an evaluation set (`eval_set_name`)."""
+        return self.path("tasks") / name
+
+    @property
+    def tasks_scratch(self) -> Path:
+        return self.path("tasks") / "_scratch"
+
+    @property
+    def mixture_file(self) -> Path:
+        return self.path("tasks") / "mixture.json"
+
+    @property
+    def eval_meta_file(self) -> Path:
+        return self.path("tasks") / "eval_meta.json"
+
     def task(self, name: str):
         import datasets
 
-        path = self.require("tasks") / name
+        self.require("tasks")
+        path = self.task_path(name)
         return datasets.load_from_disk(str(path)) if path.exists() else None
 
+    def eval_set(self, split: str, uid_only: bool = False):
+        """The next-item prompts of `validation` or `test` users (uid-only: the index without the history; None when absent)."""
+        return self.task(eval_set_name(split, uid_only))
+
     def mixture(self) -> dict:
-        return read_json(self.require("tasks") / "mixture.json")
+        self.require("tasks")
+        return read_json(self.mixture_file)
 
     def eval_meta(self) -> dict:
-        return read_json(self.require("tasks") / "eval_meta.json")
+        self.require("tasks")
+        return read_json(self.eval_meta_file)
+
+    def prompt_settings(self) -> dict:
+        """The tasks stage's recorded settings (instructions, lengths): serving builds the same prompts from them."""
+        return self.settings("tasks")["tasks"]
 
     # -- train and evaluate -----------------------------------------------------------------------------------------------
     @property
@@ -255,11 +391,78 @@ class RunDir:
         return self.path("train")
 
     @property
+    def ranker_files(self) -> "RankerFolder":
+        return RankerFolder(self.ranker)
+
+    @property
     def checkpoints(self) -> Path:
         return self.path("train") / "checkpoints"
 
     def ranker_config(self) -> dict:
-        return read_json(self.require("train") / "ranker_config.json")
+        self.require("train")
+        return read_json(self.ranker_files.config)
+
+    @property
+    def eval_metrics_file(self) -> Path:
+        return self.path("evaluate") / "metrics.json"
+
+    @property
+    def eval_table(self) -> Path:
+        return self.path("evaluate") / "table.md"
+
+    @property
+    def eval_per_user(self) -> Path:
+        return self.path("evaluate") / "per_user"
 
     def eval_metrics(self) -> dict:
-        return read_json(self.require("evaluate") / "metrics.json")
+        self.require("evaluate")
+        return read_json(self.eval_metrics_file)
+
+
+def eval_set_name(split: str, uid_only: bool = False) -> str:
+    return f"next_item_{split}" + ("_uid_only" if uid_only else "")
+
+
+class RankerFolder:
+    """The files of a trained ranker: `ranker/` of a run, a folder given to `evaluate --ranker`, or a Hub snapshot."""
+
+    UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                "chat_template.jinja", CARD, "ranker_config.json", "train_metrics.json")  # what `push` puts in a model repo
+
+    def __init__(self, folder):
+        self.root = Path(folder)
+
+    @property
+    def config(self) -> Path:
+        """ranker_config.json: the base, its precision, the answer-letter ids and the protocol the adapter was trained with."""
+        return self.root / "ranker_config.json"
+
+    @property
+    def train_metrics(self) -> Path:
+        return self.root / "train_metrics.json"
+
+    @property
+    def untrained_metrics(self) -> Path:
+        return self.root / "untrained_metrics.json"
+
+    @property
+    def validation_scores(self) -> Path:
+        return self.root / "validation_scores.json"
+
+    @property
+    def adapter(self) -> Path:
+        return self.root / "adapter_model.safetensors"
+
+    @property
+    def card(self) -> Path:
+        return self.root / CARD
+
+    @property
+    def complete(self) -> Path:
+        return self.root / COMPLETE
+
+    def is_ranker(self) -> bool:
+        return self.config.exists()
+
+    def read_config(self) -> dict:
+        return read_json(self.config)

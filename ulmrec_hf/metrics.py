@@ -88,3 +88,21 @@ def score_metrics(scores: np.ndarray, gold: np.ndarray, total_users: int | None 
     """Rank and overall metrics of candidate scores under TIE_RULE, with `tied_gold_users` (gold -1: not among them)."""
     return load_metric("scores").compute(predictions=np.asarray(scores, dtype=np.float64).tolist(), references=np.asarray(gold, dtype=int).tolist(),
                                          ks=list(ks), total_users=total_users, per_user=per_user)
+
+
+# -- fusion and the agreement of two scorers (evaluate, recommend and export use the same ones) --------------------------
+def zscore(x: np.ndarray) -> np.ndarray:
+    std = x.std(axis=1, keepdims=True)
+    return (x - x.mean(axis=1, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def fuse(retriever_scores: np.ndarray, letter_scores: np.ndarray, w: float) -> np.ndarray:
+    """z(retriever) + w * z(letter log-prob); log-softmax only shifts a row, so z of the logits is the same."""
+    return zscore(retriever_scores) + w * zscore(letter_scores)
+
+
+def agreement(a: np.ndarray, b: np.ndarray) -> dict:
+    """How often two scorers give the same top-1 and the same top-10 (in order) per user."""
+    ta, tb = ranking_order(a), ranking_order(b)
+    return {"users": len(a), "top1_identical": float((ta[:, 0] == tb[:, 0]).mean()), "top10_identical": float((ta[:, :10] == tb[:, :10]).all(1).mean()),
+            "top10_same_set": float(np.mean([set(x[:10]) == set(y[:10]) for x, y in zip(ta, tb)]))}

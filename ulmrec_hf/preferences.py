@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import StageArguments, UlmrecError, read_text, settings_of, text_lines, write_json
+from .common import StageArguments, UlmrecError, file_digest, read_preference_file, settings_of, text_lines, write_json
 from .layout import RunDir
 from .split import IMPORTED, text_scope, user_view
 
@@ -780,33 +780,6 @@ def keyword_preference(row: dict, titles: dict) -> str:
     return sentence + (f" and dislikes {top(disliked)}." if disliked else ".")
 
 
-def load_import(path: str) -> dict[str, str]:
-    p = Path(path)
-    if not p.exists():
-        raise UlmrecError(f"{p}: no such preferences file")
-    if p.suffix == ".jsonl":
-        mapping = {}
-        for n, line in text_lines(p):
-            if line.strip():
-                try:
-                    row = json.loads(line)
-                    mapping[str(row["user"])] = row["preference"]
-                except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UlmrecError(f"{p}:{n}: expected a JSON object with 'user' and 'preference' ({e})") from None
-        return mapping
-    try:
-        data = json.loads(read_text(p))
-    except json.JSONDecodeError as e:
-        raise UlmrecError(f"{p}:{e.lineno}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise UlmrecError(f"{p}: expected a JSON object mapping user id to preference")
-    return {str(k): v for k, v in data.items()}
-
-
-def file_digest(path: str | None) -> str | None:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16] if path and Path(path).exists() else None
-
-
 def main(stage: StageArguments, args: PreferenceArguments) -> Path:
     run = RunDir(stage.run_dir)
     if not run.begin("preferences", {**settings_of(args), "import_digest": file_digest(args.import_file)}, stage.overwrite, inputs=("prepare",)):
@@ -827,11 +800,10 @@ def main(stage: StageArguments, args: PreferenceArguments) -> Path:
                                      "fallback_for": failure_record(failures.pop(u["user"]))["reason"]}
                 stats["fallbacks"] += 1
     rows = [{"user_id": u["user_id"], "user": u["user"], "backend": args.backend, **results[u["user"]]} for u in users if u["user"] in results]
-    with open(run.preferences_file, "w") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    run.write_preferences(rows)
     summary = summarize(args, source, users, rows, failures, stopped, stats, time.time() - start)
-    write_json(out / "summary.json", summary)
-    write_json(out / "failures.json", {u: failure_record(r) for u, r in failures.items()})
+    write_json(run.preferences_summary_file, summary)
+    write_json(run.preferences_failures_file, {u: failure_record(r) for u, r in failures.items()})
     logger.info("preferences: %s", json.dumps({k: v for k, v in summary.items() if k != "retries"}))
     if stopped:
         raise UlmrecError(f"preferences: stopped by the token budget ({args.token_budget}) with {len(stopped)} users not asked yet; "
@@ -839,8 +811,8 @@ def main(stage: StageArguments, args: PreferenceArguments) -> Path:
     if failures:
         listed = "; ".join(f"{u}: {failure_record(r)['reason']}" for u, r in list(failures.items())[:10])
         raise UlmrecError(f"{len(failures)} of {len(users)} users have no preference (each with its reason and last rejected answer in "
-                          f"{out / 'failures.json'}): {listed}. To go on: "
-                          f"{how_to_go_on(args, out, run.cache('preferences', 'responses.jsonl') if args.backend in ('openai', 'local') else None)}")
+                          f"{run.preferences_failures_file}): {listed}. To go on: "
+                          f"{how_to_go_on(args, out, run.preferences_cache if args.backend in ('openai', 'local') else None)}")
     run.finish("preferences", {"summary": summary})
     return out
 
@@ -884,7 +856,7 @@ def simple_backend(users, titles, args, failures) -> dict:
         return {u["user"]: {"preference": keyword_preference(u, titles)} for u in users}
     if not args.import_file:
         raise UlmrecError("preferences: the import backend needs --import_file")
-    mapping = load_import(args.import_file)
+    mapping = read_preference_file(args.import_file)
     results = {}
     for u in users:
         text = mapping.get(u["user"])
@@ -901,7 +873,7 @@ def simple_backend(users, titles, args, failures) -> dict:
 def llm_backend(users, titles, args, run: RunDir, stats, failures, has_reviews) -> tuple[dict, list, str]:
     if args.input == "reviews" and not has_reviews:
         raise UlmrecError("preferences: this data set has no review text; use --input titles, or the import backend")
-    cache = Cache(run.cache("preferences", "responses.jsonl"))
+    cache = Cache(run.preferences_cache)
     # stored answers count in whichever mode they were made (the recipe's mode first): another --answer_mode re-asks no one answered
     modes = sorted(ANSWER_MODES[1:], key=lambda m: m != args.answer_mode) if args.backend == "openai" else ["chat"]
     prompts, cuts, keys, chosen, pending = {}, {}, {}, {}, []

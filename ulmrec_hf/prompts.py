@@ -1,11 +1,13 @@
 """Prompts and the tokenizer facts they rely on: templates, prompt fitting, answer-letter ids, index tokens.
 
-`tasks` builds prompts with these helpers; `train`, `ranker` and `recommend` use the same ones to add index tokens,
-resize the embeddings and read the letter logits, so that training, scoring and serving agree token for token.
+`tasks` builds prompts with these helpers, and `recommend` and `explain` build theirs with the same ones from the tasks
+stage's recorded settings (`build_builder`, `eval_row`); `train`, `ranker` and `recommend` use the same ones to add index
+tokens, resize the embeddings and read the letter logits, so that training, scoring and serving agree token for token.
 """
 
 import hashlib
 import json
+import random
 import string
 
 from .common import UlmrecError
@@ -25,13 +27,13 @@ LETTERS = string.ascii_uppercase
 class PromptBuilder:
     """Builds prompts that fit `max_length` tokens (with the answer), titles cut to `title_max_tokens`.
 
-    Too long a prompt loses its oldest history lines first; candidates and the answer are never cut (pitfall 3)."""
+    Too long a prompt loses its oldest history lines first; candidates and the answer are never cut."""
 
     def __init__(self, tokenizer, titles: dict[int, str], max_length: int, history_len: int, title_max_tokens: int,
                  instructions: dict[str, str] | None = None):
         self.tok, self.max_length, self.history_len = tokenizer, max_length, history_len
         self.instructions = {**INSTRUCTIONS, **(instructions or {})}
-        ids = tokenizer([t or f"item {i}" for i, t in titles.items()], add_special_tokens=False).input_ids
+        ids = tokenizer([t or f"item {i}" for i, t in titles.items()], add_special_tokens=False).input_ids if titles else []
         self.titles = {item: tokenizer.decode(t[:title_max_tokens]).strip() for item, t in zip(titles, ids)}
         self.line_tokens: dict[str, int] = {}
 
@@ -78,8 +80,33 @@ class PromptBuilder:
         return "Candidates:\n" + "\n".join(f"({LETTERS[i]}) {self.titles[c]}" for i, c in enumerate(candidates))
 
 
+def build_builder(tokenizer, titles: dict[int, str], settings: dict) -> PromptBuilder:
+    """The PromptBuilder of the tasks stage's settings (`TaskArguments` as a dict, or as a finished run recorded them)."""
+    instructions = {t: settings[f"instruction_{t}"] for t in INSTRUCTIONS}
+    return PromptBuilder(tokenizer, titles, settings["max_length"], settings["history_len"], settings["title_max_tokens"], instructions)
+
+
+def next_item_row(builder: PromptBuilder, user_field: str | None, history: list[int], cands: list[int], target: int | None,
+                  task: str = "next_item", preference: str | None = None, **extra) -> dict:
+    parts = {"user": user_field, "preference": preference, "candidates": builder.candidate_block(cands)}
+    prompt = builder.prompt(task, parts, builder.history_lines(history) if history else [])
+    pos = cands.index(target) if target in cands else -1  # -1 only when serving a user the retriever missed
+    return {"prompt": prompt, "completion": LETTERS[pos] if pos >= 0 else "", "task": task, "candidates": cands, "target": target,
+            "target_position": pos, **extra}
+
+
+def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str | None, eval_seed: int, split: str, with_history: bool = True) -> dict:
+    """The next-item prompt of one validation/test candidate row (serving builds the same one)."""
+    cands = list(r["candidates"])
+    if eval_order == "shuffled":
+        random.Random(f"{eval_seed}-{split}-{r['user_id']}").shuffle(cands)
+    score = dict(zip(r["candidates"], r["scores"]))
+    return next_item_row(builder, user_field, r["history"] if with_history else [], cands, r["target"], user_id=r["user_id"],
+                         retriever_scores=[score[c] for c in cands], retriever_rank=r["target_rank"])
+
+
 def letter_ids(tokenizer, prompt: str, n: int) -> list[int]:
-    """Token id of each answer letter exactly as it tokenizes after `prompt` (pitfall 1: never "▁A")."""
+    """Token id of each answer letter exactly as it tokenizes after `prompt` (the letter alone, never a "▁A" variant)."""
     base = tokenizer(prompt, add_special_tokens=False).input_ids
     ids = []
     for letter in LETTERS[:n]:
@@ -106,7 +133,7 @@ def resize_embeddings(model, size: int) -> None:
     """Grow the input embedding (and an untied head) to `size` rows, the new rows the same every time.
 
     transformers' default resize draws the new rows at random, so an adapter that holds only the trained rows
-    (issue 16) would reload onto different untrained rows. Here each new row is the mean of the old rows plus
+    would reload onto different untrained rows. Here each new row is the mean of the old rows plus
     noise from a generator seeded by the new size, so loading rebuilds exactly what training started from."""
     import torch
 

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .common import RunArguments, UlmrecError, read_json
-from .layout import RunDir
+from .layout import CARD, EXPORT_FILE, RankerFolder, RunDir
 
 logger = logging.getLogger(__name__)
-MODEL_FILES = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "chat_template.jinja", "README.md", "ranker_config.json", "train_metrics.json")
 
 
 @dataclass
@@ -31,14 +29,14 @@ ARGUMENTS = (RunArguments, PushArguments)
 
 
 def model_folder(run: RunDir, dest: Path, repo: str | None, dataset_repo: str | None) -> Path:
-    from .train import run_card
+    from .cards import run_card
 
     ranker = run.require("train")
     dest.mkdir(parents=True, exist_ok=True)
-    for name in MODEL_FILES:
+    for name in RankerFolder.UPLOADED:
         if (ranker / name).exists():
             shutil.copy2(ranker / name, dest / name)
-    run_card(run, repo_id=repo, dataset_repo=dataset_repo).save(dest / "README.md")
+    run_card(run, repo_id=repo, dataset_repo=dataset_repo).save(dest / CARD)
     return dest
 
 
@@ -46,19 +44,18 @@ def export_folder(run: RunDir, source: Path, dest: Path, repo: str | None, datas
     """The export's files (hard links where the file system allows: a 7B export is 13 GB) with a card naming `repo`."""
     import os
 
-    from .export import EXPORT_FILE, card_export
-    from .train import run_card
+    from .cards import card_export, run_card
 
     if not (source / EXPORT_FILE).exists():
         raise UlmrecError(f"push: {source} holds no export ({EXPORT_FILE}); run `ulmrec export --run_dir {run.root}` first")
     dest.mkdir(parents=True, exist_ok=True)
     for path in source.iterdir():
-        if path.is_file() and path.name != "README.md":
+        if path.is_file() and path.name != CARD:
             try:
                 os.link(path, dest / path.name)
             except OSError:
                 shutil.copy2(path, dest / path.name)
-    run_card(run, repo_id=repo, dataset_repo=dataset_repo, export=card_export(read_json(source / EXPORT_FILE))).save(dest / "README.md")
+    run_card(run, repo_id=repo, dataset_repo=dataset_repo, export=card_export(read_json(source / EXPORT_FILE))).save(dest / CARD)
     return dest
 
 
@@ -70,19 +67,19 @@ def dataset_folder(run: RunDir, dest: Path) -> Path:
     parts = {"users": data["users"], "items": data["items"]}
     if run.is_complete("index"):
         parts["user_index"] = run.index_table()
-        (dest / "user_index").mkdir(exist_ok=True)
-        for name in ("tokens.json", "stats.json", "attention", "rqvae"):
-            src = run.path("index") / name
+        folder = dest / run.path("index").name  # the same folder name as in the run
+        folder.mkdir(exist_ok=True)
+        for src in (run.index_tokens_file, run.index_stats_file, run.index_attention, run.index_rqvae):
             if src.is_dir():
-                shutil.copytree(src, dest / "user_index" / name)
+                shutil.copytree(src, folder / src.name)
             elif src.exists():
-                shutil.copy2(src, dest / "user_index" / name)
+                shutil.copy2(src, folder / src.name)
     if run.is_complete("preferences"):
         parts["preferences"] = datasets.load_dataset("json", data_files=str(run.preferences_file), split="train")
     for name, ds in parts.items():
         ds.to_parquet(str(dest / f"{name}.parquet"))
-    data.save_to_disk(str(dest / "data"))
-    dataset_card(run, list(parts)).save(dest / "README.md")
+    data.save_to_disk(str(dest / run.path("prepare").name))
+    dataset_card(run, list(parts)).save(dest / CARD)
     return dest
 
 
@@ -90,17 +87,17 @@ def dataset_card(run: RunDir, configs: list[str]):
     """The prepare stage's card, with one Hub config per parquet file and sections on the index and the preferences."""
     from huggingface_hub import DatasetCard
 
-    card = DatasetCard.load(run.path("prepare") / "README.md")
+    card = DatasetCard.load(run.dataset_card)
     card.data.configs = [{"config_name": c, "data_files": f"{c}.parquet"} for c in configs]
     extra, user_text = [], run.user_text_provenance()
     if "user_index" in configs:
-        stats = read_json(run.path("index") / "stats.json")
+        stats = run.index_stats()
         extra.append(f"## User index\nScheme `{stats['scheme']}`, {stats.get('unique')} unique indices"
                      + (f"; text source `{stats['text_source']}`, collision rate {stats['collision_rate_before']} before repair, "
                         f"{stats['collision_rate_after']} after." if stats["scheme"] == "pid" else ".")
                      + f" User text: {user_text['index']}.")
     if "preferences" in configs:
-        summary = read_json(run.path("preferences") / "summary.json")
+        summary = run.preferences_summary()
         extra.append(f"## Preferences\nOne sentence per user from backend `{summary['backend']}` ({summary.get('source')}); "
                      f"{summary['done']} users, {summary.get('fallbacks', 0)} labelled offline-keyword fallbacks. "
                      f"User text: {user_text['preferences']}.")
@@ -125,15 +122,15 @@ def main(run_args: RunArguments, args: PushArguments) -> Path:
     run = RunDir(run_args.run_dir)
     if not args.dry_run and not (args.model_repo or args.export_repo or args.dataset_repo):
         raise UlmrecError("push: give --model_repo, --export_repo and/or --dataset_repo, or --dry_run")
-    source = Path(args.export_dir) if args.export_dir else run.root / "export"
+    source = Path(args.export_dir) if args.export_dir else run.export
     if run.push.exists():
         shutil.rmtree(run.push)
-    model_dir = model_folder(run, run.push / "model", args.model_repo, args.dataset_repo)
+    model_dir = model_folder(run, run.push_folder("model"), args.model_repo, args.dataset_repo)
     export = None
     if args.export_repo or args.export_dir or (args.dry_run and source.exists()):
-        export = export_folder(run, source, run.push / "export", args.export_repo, args.dataset_repo)
-    data_dir = dataset_folder(run, run.push / "dataset")
-    size = (model_dir / "adapter_model.safetensors").stat().st_size / 1e6
+        export = export_folder(run, source, run.push_folder("export"), args.export_repo, args.dataset_repo)
+    data_dir = dataset_folder(run, run.push_folder("dataset"))
+    size = RankerFolder(model_dir).adapter.stat().st_size / 1e6
     if args.dry_run:
         print(f"dry run: model folder {model_dir} (adapter {size:.2f} MB)" + (f", export folder {export}" if export else "")
               + f", dataset folder {data_dir}")

@@ -4,9 +4,11 @@
 decoder only, the last position only, and a projection onto just the letter rows of the LM head. `naive_scores` is
 LlamaRec's way (batch 1, full-vocabulary logits everywhere), kept to check the fast path against.
 
-`load_ranker` rebuilds the model exactly as it was trained and selected: the same base precision (4-bit NF4 with double
-quantisation when the adapter was trained with QLoRA, as `ranker_config.json` records), the same deterministic resize
-for the index tokens, then the adapter. Merging into a bf16 base is an explicit option (`merge=True`).
+`load_base` is the one way a ranker's base is loaded, for training (`train.build_model`) and for scoring
+(`load_ranker`): the quantisation config, dtype, attention implementation, device placement and the deterministic
+resize for the index tokens. `load_ranker` rebuilds the model exactly as it was trained and selected: the same base
+precision (4-bit NF4 with double quantisation when the adapter was trained with QLoRA, as `ranker_config.json`
+records), then the adapter. Merging into a bf16 base is an explicit option (`merge=True`).
 """
 
 import logging
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import UlmrecError, read_json
+from .common import UlmrecError, left_pad
+from .layout import RankerFolder
 
 logger = logging.getLogger(__name__)
 
@@ -124,16 +127,6 @@ def score_prompts(model, tokenizer, prompts: list[str], letter_ids: list[int], b
     return out
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device):
-    """(input_ids, attention_mask) of token lists padded on the left to the longest."""
-    import torch
-
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], device=device)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
-    return ids, mask
-
-
 def naive_scores(model, tokenizer, prompts: list[str], letter_ids: list[int]) -> np.ndarray:
     """LlamaRec's scoring: one user at a time, full-vocabulary logits at every position, last row."""
     import torch
@@ -168,31 +161,45 @@ def disable_cpu_repack(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def quantization_config(quantization: str, dtype: str, nested: bool = True):
-    """The BitsAndBytesConfig a ranker was trained with (None for a full-precision base)."""
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def quantization_name(load_in_4bit: bool, quant_type: str = "nf4") -> str:
+    """How `ranker_config.json` names a base's precision: `none` or `4bit-<type>` (QLoRA: `4bit-nf4`)."""
+    return f"4bit-{quant_type}" if load_in_4bit else "none"
+
+
+def quantization_config(quantization: str, dtype: str, nested: bool = True, storage: str | None = None):
+    """The BitsAndBytesConfig of a ranker's base (None for a full-precision one); `storage` is the dtype that holds the
+    packed 4-bit weights (FSDP needs the model's dtype there; bitsandbytes' default is uint8)."""
     if quantization == "none":
         return None
     import torch
     from transformers import BitsAndBytesConfig
 
-    if quantization != "4bit-nf4":
-        raise UlmrecError(f"unknown ranker quantization {quantization!r}")
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=nested,
-                              bnb_4bit_compute_dtype=getattr(torch, dtype))
+    kind = quantization.removeprefix("4bit-")
+    if not quantization.startswith("4bit-") or kind not in QUANT_TYPES:
+        raise UlmrecError(f"unknown ranker quantization {quantization!r} (known: none, " + ", ".join(f"4bit-{t}" for t in QUANT_TYPES) + ")")
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=kind, bnb_4bit_use_double_quant=nested,
+                              bnb_4bit_compute_dtype=getattr(torch, dtype), **({"bnb_4bit_quant_storage": storage} if storage else {}))
 
 
-def load_base(name: str, quantization: str, dtype: str, device: str, vocab_size: int, nested: bool = True):
-    """A base LLM as a ranker saw it: its precision, its index-token rows rebuilt deterministically."""
+def load_base(name: str, quantization: str, dtype: str, device, vocab_size: int, nested: bool = True, storage: str | None = None,
+              revision: str | None = None, attn_implementation: str | None = None):
+    """A ranker's base, for training and for scoring alike: its precision, attention implementation and index-token rows
+    (rebuilt deterministically).
 
+    `device`: where the weights go (a 4-bit base is loaded there); None leaves a full-precision base where
+    `from_pretrained` puts it, for the Trainer to place."""
     from .llm import load_causal_lm
     from .prompts import resize_embeddings
 
-    quant = quantization_config(quantization, dtype, nested)
-    kwargs = {"quantization_config": quant, "device_map": {"": device}} if quant else {"device": device}
-    base = load_causal_lm(name, dtype=dtype, **kwargs)
+    quant = quantization_config(quantization, dtype, nested, storage)
+    placement = {"quantization_config": quant, "device_map": {"": device if device is not None else "cpu"}} if quant else {"device": device}
+    base = load_causal_lm(name, dtype=dtype, revision=revision or "main", attn_implementation=attn_implementation or "sdpa", **placement)
     resize_embeddings(base, vocab_size)
     disable_cpu_repack(base)
-    return base.to(device) if quant is None else base
+    return base
 
 
 def default_device() -> str:
@@ -210,15 +217,16 @@ def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    ranker_dir = Path(ranker_dir)
-    if not (ranker_dir / "ranker_config.json").exists():
-        raise UlmrecError(f"{ranker_dir}: not a trained ranker (no ranker_config.json); run `ulmrec train` first")
-    config = read_json(ranker_dir / "ranker_config.json")
+    ranker_dir, files = Path(ranker_dir), RankerFolder(ranker_dir)
+    if not files.is_ranker():
+        raise UlmrecError(f"{ranker_dir}: not a trained ranker (no {files.config.name}); run `ulmrec train` first")
+    config = files.read_config()
     tokenizer = AutoTokenizer.from_pretrained(ranker_dir)
     tokenizer.padding_side = "left"
     device = device or default_device()
     quantization, dtype = ("none", merge_dtype) if merge else (config.get("quantization", "none"), config.get("dtype", "float32"))
-    base = load_base(config["base_model"], quantization, dtype, device, len(tokenizer), config.get("double_quantization", True))
+    base = load_base(config["base_model"], quantization, dtype, device, len(tokenizer), config.get("double_quantization", True),
+                     None if merge else config.get("quant_storage"), config.get("model_revision"), config.get("attn_implementation"))
     model = PeftModel.from_pretrained(base, ranker_dir)
     if merge:
         model = model.merge_and_unload()

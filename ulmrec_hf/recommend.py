@@ -34,14 +34,14 @@ class Recommender:
 
     def __init__(self, run_dir: str, fusion_weight: float | None = None, ranker_only: bool = False):
         from .llm import load_tokenizer
+        from .prompts import build_builder
         from .ranker import load_ranker
-        from .tasks import build_builder, recorded_arguments
 
         self.run = RunDir(run_dir)
         self.model, self.tokenizer, self.config = load_ranker(self.run.require("train"))
         mixture, meta = self.run.mixture(), self.run.eval_meta()
         self.eval_order, self.eval_seed = mixture["protocol"]["eval_order"], meta["eval_seed"]
-        self.builder = build_builder(load_tokenizer(mixture["model_name_or_path"]), self.run.titles(), recorded_arguments(self.run))
+        self.builder = build_builder(load_tokenizer(mixture["model_name_or_path"]), self.run.titles(), self.run.prompt_settings())
         users = self.run.prepared()["users"]
         self.names = dict(zip(users["user_id"], users["user"]))
         self.by_name = {name: uid for uid, name in self.names.items()}
@@ -61,10 +61,9 @@ class Recommender:
 
     def rank(self, users: list[str], split: str = "test") -> list[list[tuple[int, str, float]]]:
         """Per user, (item id, title, score) best first; the score is fused when a fusion weight is set."""
-        from .evaluate import fuse
-        from .metrics import ranking_order
+        from .metrics import fuse, ranking_order
+        from .prompts import eval_row
         from .ranker import score_prompts
-        from .tasks import eval_row
 
         table = self.candidates[split]
         rows = []

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import StageArguments, read_json, settings_of, write_json
+from .common import StageArguments, left_pad, read_json, settings_of, write_json
 from .layout import RunDir
 from .split import test_pair, training_part, validation_pair
 
@@ -66,11 +66,6 @@ def training_rows(sequences: list[list[int]], max_len: int) -> list[list[int]]:
     return [training_part(seq)[-(max_len + 1):] for seq in sequences if len(training_part(seq)) >= 2]
 
 
-def left_pad(rows: list[list[int]], torch):
-    width = max(1, max(len(r) for r in rows))
-    return torch.tensor([[0] * (width - len(r)) + list(r) for r in rows], dtype=torch.long)
-
-
 def next_item_loss(model, batch, torch):
     """Full-softmax cross-entropy of every next item, computed only at real (non-padding) positions."""
     inputs, labels = batch[:, :-1], batch[:, 1:]
@@ -101,7 +96,7 @@ def score_users(model, pairs, args: RetrieveArguments, torch, device, progress: 
     with torch.no_grad():
         for start in tqdm(batches, desc=progress, disable=progress is None, leave=False):
             chunk = pairs[start:start + args.eval_batch_size]
-            seqs = left_pad([h for h, _ in chunk], torch).to(device)
+            seqs = left_pad([h for h, _ in chunk], device=device)[0]
             scores = net.scores(net(seqs)[:, -1]).float()
             scores[:, 0] = -math.inf
             if args.mask_history:
@@ -172,7 +167,7 @@ def parameter_groups(model, args: RetrieveArguments, torch) -> list[dict]:
 
 def padded_rows(rows: list[list[int]], torch, device):
     """All training rows left-padded to one width, kept on the device, with their lengths (a batch is sliced from it)."""
-    return left_pad(rows, torch).to(device), torch.tensor([len(r) for r in rows])
+    return left_pad(rows, device=device)[0], torch.tensor([len(r) for r in rows])
 
 
 def train(args: RetrieveArguments, run: RunDir, sequences: list[list[int]], num_items: int):
@@ -281,7 +276,7 @@ def write_candidates(model, sequences, user_ids, args: RetrieveArguments, run: R
             "candidates": ids, "scores": scores, "target": [t for _, t in pairs], "target_rank": in_top,
         })
         metrics[split] = metrics_for(ranks, args.num_candidates)
-    datasets.DatasetDict(data).save_to_disk(str(run.path("retrieve") / "candidates"))
+    datasets.DatasetDict(data).save_to_disk(str(run.candidates_path))
     return metrics
 
 
@@ -303,7 +298,7 @@ def main(stage: StageArguments, args: RetrieveArguments) -> Path:
             "train_time_s": round(state["train_time_s"], 1), "wall_time_s": round(time.time() - start, 1),
             "metrics": {split: {k: round(v, 6) for k, v in m.items()} for split, m in metrics.items()},
         }
-        write_json(run.path("retrieve") / "metrics.json", summary)
+        write_json(run.retriever_metrics_file, summary)
         run.finish("retrieve")
         logger.info("retrieve: test %s", json.dumps({k: round(v, 4) for k, v in metrics["test"].items()}))
     accelerator.wait_for_everyone()

@@ -23,7 +23,8 @@ import os
 from dataclasses import fields
 from pathlib import Path
 
-from .common import UlmrecError, read_json, write_json
+from .common import UlmrecError, write_json
+from .layout import RunDir
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ RENAMED = {
     "demo_output": "demo-data.output", "demo_users": "demo-data.users", "demo_items": "demo-data.items",
     "demo_min_length": "demo-data.min_length", "demo_max_length": "demo-data.max_length", "transition_prob": "demo-data.transition_prob",
 }
+# Options that no longer exist: key -> why.
+REMOVED = {"use_next_item": "next-item prediction is the ranking task and is always on"}
 
 
 def stage_module(name: str):
@@ -92,6 +95,8 @@ def misplaced(key: str, stage: str | None = None) -> str:
     """Why a key is not accepted where it stands, with the place it belongs."""
     if key in RENAMED:
         return f"`{key}` was renamed to `{RENAMED[key]}`"
+    if key in REMOVED:
+        return f"`{key}` was removed: {REMOVED[key]}"
     owners = [s for s in STAGES if key in stage_keys(s)]
     if owners and stage is None:
         return f"`{key}` belongs in the section of " + " or ".join(f"`{s}:`" for s in owners)
@@ -230,36 +235,37 @@ VARIANTS = {
     "wo_history_index": ["--tasks.use_history_to_index=false"],
     "wo_rating": ["--tasks.use_rating=false"],
     "wo_intent": ["--tasks.use_intent=false"],
-    "wo_all_align": NO_ALIGN,
-    "pid_wo_align": NO_ALIGN,
+    "wo_all_align": NO_ALIGN,  # Fig. 8's "w/o all" is also Fig. 9's PID without alignment
     "nid": ["--index.scheme=nid"],
     "nid_wo_align": ["--index.scheme=nid", *NO_ALIGN],
     "oid": ["--index.scheme=oid"],
     "oid_wo_align": ["--index.scheme=oid", *NO_ALIGN],
 }
+ALIASES = {"pid_wo_align": "wo_all_align"}  # the same model under Fig. 9's name: trained once
 SHARED_STAGES = ("prepare", "retrieve", "preferences")
 
 
 def variant_overrides(names: list[str]) -> dict[str, list[str]]:
+    """The overrides of each named variant; an alias runs (once) as the variant it names."""
+    names = list(dict.fromkeys(ALIASES.get(n, n) for n in names))
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise UlmrecError(f"ablate: unknown variants {unknown}; known: {list(VARIANTS)}")
+        raise UlmrecError(f"ablate: unknown variants {unknown}; known: {list(VARIANTS)} (aliases: {ALIASES})")
     return {n: VARIANTS[n] for n in names}
 
 
 def stages_for(overrides: list[str]) -> list[str]:
-    """The stages a variant must redo: the index only when its scheme differs from the base run's."""
+    """The stages a variant computes in its own folder: the index when it overrides an index option (another scheme),
+    then tasks, train and evaluate; the rest is linked from the base run."""
     redo_index = any(o.startswith("--index.") for o in overrides)
     return (["index"] if redo_index else []) + ["tasks", "train", "evaluate"]
 
 
 def link_shared(base: Path, variant: Path, stages: tuple[str, ...]) -> None:
     """Symlink finished stages of the base run into a variant's run directory (their fingerprints travel with them)."""
-    from .layout import FOLDERS
-
-    variant.mkdir(parents=True, exist_ok=True)
+    Path(variant).mkdir(parents=True, exist_ok=True)
     for stage in stages:
-        src, dst = (base / FOLDERS[stage]).resolve(), variant / FOLDERS[stage]
+        src, dst = RunDir(base).path(stage).resolve(), RunDir(variant).path(stage)
         if src.exists() and not dst.exists():
             os.symlink(src, dst, target_is_directory=True)
 
@@ -277,7 +283,7 @@ def run_ablation(recipe_path: str, names: list[str], argv: list[str]) -> Path:
         check_overrides(overrides, stages)
         for stage in stages:
             run_stage(stage, stage_argv(stage, recipe_path, overrides))
-        results[name] = read_json(vdir / "eval" / "metrics.json")
+        results[name] = RunDir(vdir).eval_metrics()
     write_json(root / "ablation.json", {"recipe": recipe_path, "variants": {n: VARIANTS[n] for n in results}, "results": results,
                                         "stages": recipe.get("stages")})
     (root / "ablation.md").write_text(ablation_table(results))

@@ -22,12 +22,12 @@ ground truth is among the candidates ("rank" users); `eval_meta.json` says how m
 
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .common import StageArguments, UlmrecError, settings_of, write_json
-from .layout import RunDir
-from .prompts import INSTRUCTIONS, LETTERS, PromptBuilder, letter_ids, tokenizer_fingerprint
+from .layout import RunDir, eval_set_name
+from .prompts import INSTRUCTIONS, PromptBuilder, build_builder, eval_row, letter_ids, next_item_row, tokenizer_fingerprint
 from .split import training_part
 
 logger = logging.getLogger(__name__)
@@ -55,7 +55,6 @@ class TaskArguments:
     max_length: int = field(default=1024, metadata={"help": "Tokens per sample (prompt + answer)."})
     history_len: int = field(default=20, metadata={"help": "Most recent history items shown."})
     title_max_tokens: int = field(default=32, metadata={"help": "Tokens kept of each title."})
-    use_next_item: bool = field(default=True, metadata={"help": "Next-item prediction (the ranking task; cannot be disabled)."})
     use_index_to_preference: bool = field(default=True, metadata={"help": "Include index -> preference."})
     use_preference_to_index: bool = field(default=True, metadata={"help": "Include preference -> index."})
     use_history_to_index: bool = field(default=True, metadata={"help": "Include history -> index."})
@@ -82,11 +81,6 @@ class TaskArguments:
 ARGUMENTS = (StageArguments, TaskArguments)
 
 
-def recorded_arguments(run: RunDir) -> TaskArguments:
-    """The arguments a finished tasks stage ran with (serving builds the same prompts)."""
-    return TaskArguments(**run.settings("tasks")["tasks"])
-
-
 def resolve_protocol(args: TaskArguments) -> dict:
     """The three protocol choices; an option that contradicts a named protocol is an error, never silently replaced."""
     chosen = dict(PROTOCOLS[args.protocol])
@@ -99,11 +93,6 @@ def resolve_protocol(args: TaskArguments) -> dict:
     if chosen["train_targets"] == "all_prefixes" and chosen["train_candidates"] == "retriever":
         raise UlmrecError("tasks: train_targets=all_prefixes needs train_candidates=random (the retriever ranks only the last training target)")
     return chosen
-
-
-def build_builder(tokenizer, titles: dict, args: TaskArguments) -> PromptBuilder:
-    instructions = {t: getattr(args, f"instruction_{t}") for t in TASKS}
-    return PromptBuilder(tokenizer, titles, args.max_length, args.history_len, args.title_max_tokens, instructions)
 
 
 class Negatives:
@@ -136,15 +125,6 @@ def with_target(candidates: list[int], target: int, shuffle: bool, key: str) -> 
     if shuffle:
         rng.shuffle(cands)
     return cands
-
-
-def next_item_row(builder: PromptBuilder, user_field: str | None, history: list[int], cands: list[int], target: int | None,
-                  task: str = "next_item", preference: str | None = None, **extra) -> dict:
-    parts = {"user": user_field, "preference": preference, "candidates": builder.candidate_block(cands)}
-    prompt = builder.prompt(task, parts, builder.history_lines(history) if history else [])
-    pos = cands.index(target) if target in cands else -1  # -1 only when serving a user the retriever missed
-    return {"prompt": prompt, "completion": LETTERS[pos] if pos >= 0 else "", "task": task, "candidates": cands, "target": target,
-            "target_position": pos, **extra}
 
 
 def training_targets(users: list[dict], mode: str) -> list[tuple[int, int]]:
@@ -206,8 +186,9 @@ class TaskBuilder:
 
 
 def enabled_tasks(args: TaskArguments, has_ratings: bool, has_index: bool, has_prefs: bool) -> tuple[list[str], dict]:
-    tasks, skipped = [], {}
-    for t in TASKS:
+    """Next-item prediction (the ranking task, always on), then each alignment task the recipe and the data allow."""
+    tasks, skipped = ["next_item"], {}
+    for t in TASKS[1:]:
         if not getattr(args, f"use_{t}"):
             skipped[t] = "disabled by the recipe"
         elif t == "rating" and not has_ratings:
@@ -220,8 +201,6 @@ def enabled_tasks(args: TaskArguments, has_ratings: bool, has_index: bool, has_p
             tasks.append(t)
     for t, why in skipped.items():
         logger.info("tasks: skipping %s: %s", t, why)
-    if "next_item" not in tasks:
-        raise UlmrecError("tasks: next-item prediction is the ranking task and cannot be disabled")
     return tasks, skipped
 
 
@@ -234,16 +213,6 @@ def mixture_counts(tasks: list[str], n_next: int, n_users: int, args: TaskArgume
             logger.info("tasks: %s wants %d rows for its proportion but has %d users; using %d", t, want, n_users, n_users)
         counts[t] = min(want, n_users)
     return counts
-
-
-def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str | None, eval_seed: int, split: str, with_history: bool = True) -> dict:
-    """The next-item prompt of one validation/test candidate row (serving builds the same one)."""
-    cands = list(r["candidates"])
-    if eval_order == "shuffled":
-        random.Random(f"{eval_seed}-{split}-{r['user_id']}").shuffle(cands)
-    score = dict(zip(r["candidates"], r["scores"]))
-    return next_item_row(builder, user_field, r["history"] if with_history else [], cands, r["target"], user_id=r["user_id"],
-                         retriever_scores=[score[c] for c in cands], retriever_rank=r["target_rank"])
 
 
 def is_rank_user(r: dict) -> bool:
@@ -296,7 +265,7 @@ def mix(parts: dict, seed: int):
                    "seed": seed, "stopping_strategy": MIX_STRATEGY, "within_task": f"Dataset.shuffle(seed={seed})"}
 
 
-def write_eval_sets(cands, tb: TaskBuilder, args: TaskArguments, out: Path, scratch: Path, key: str) -> dict:
+def write_eval_sets(cands, tb: TaskBuilder, args: TaskArguments, run: RunDir, key: str) -> dict:
     eval_seed = args.seed if args.eval_seed is None else args.eval_seed
     meta = {"eval_order": tb.protocol["eval_order"], "eval_seed": eval_seed}
     for split in ("validation", "test"):
@@ -305,14 +274,14 @@ def write_eval_sets(cands, tb: TaskBuilder, args: TaskArguments, out: Path, scra
         picked = sample(list(range(len(rows))), cap, f"{eval_seed}-{split}")  # a sample of *all* users keeps overall metrics per user
         chosen = rows.select(picked)
         meta[split] = {"users": len(picked), "in_candidates": sum(map(is_rank_user, chosen)), "all_users": len(rows)}
-        kinds = [("", True), ("_uid_only", False)] if any(tb.index.values()) else [("", True)]  # uid-only needs a user field
-        for suffix, with_history in kinds:
-            save_rows(eval_rows(chosen, tb, eval_seed, split, with_history), out / f"next_item_{split}{suffix}", scratch, key)
+        kinds = [False, True] if any(tb.index.values()) else [False]  # uid-only (no history) needs a user field
+        for uid_only in kinds:
+            prompts = eval_rows(chosen, tb, eval_seed, split, with_history=not uid_only)
+            save_rows(prompts, run.task_path(eval_set_name(split, uid_only)), run.tasks_scratch, key)
     return meta
 
 
 def main(stage: StageArguments, args: TaskArguments) -> Path:
-
     from .llm import load_tokenizer
 
     run = RunDir(stage.run_dir)
@@ -321,34 +290,41 @@ def main(stage: StageArguments, args: TaskArguments) -> Path:
     settings = {"tasks": settings_of(args), "tokenizer": tokenizer_fingerprint(tokenizer)}
     if not run.begin("tasks", settings, stage.overwrite, inputs=("prepare", "retrieve", "index", "preferences?")):
         return run.path("tasks")
-    out = run.path("tasks")
     data, cands, index, prefs = run.prepared(), run.candidates(), run.index(), run.preferences(required=False)
     if any(t is None for t in data["items"]["title"]):
         raise UlmrecError(f"{run.path('prepare')}: some items have no title; title-based stages need data prepared with titles: required")
     users = data["users"].to_list()
     tasks, skipped = enabled_tasks(args, "ratings" in data["users"].column_names, any(index.values()), bool(prefs))
-    builder = build_builder(tokenizer, run.titles(), args)
-    tb = TaskBuilder(args, protocol, users, builder, index, prefs, cands["train"], len(cands["test"][0]["candidates"]))
-    targets = sample(training_targets(users, protocol["train_targets"]), args.max_train_samples, f"{args.seed}-train")
-    counts = mixture_counts(tasks, len(targets), len(users), args)
-    scratch, key = out / "_scratch", run.stage_key("tasks")
-    parts = {"next_item": save_rows(tb.next_item(targets), out / "next_item", scratch, key)}
-    for t in tasks[1:]:
-        eligible = [u for u in users if (t not in NEEDS_PREFERENCE or prefs.get(u["user"])) and (t not in NEEDS_INDEX or index.get(u["user"]))]
-        parts[t] = save_rows(tb.alignment(t, sample(eligible, counts[t], f"{args.seed}-{t}")), out / t, scratch, key)
-    parts = {t: ds for t, ds in parts.items() if ds is not None}
-    mixed, mixing = mix(parts, args.seed)
-    mixed.save_to_disk(str(out / "train"))
-    eval_meta = write_eval_sets(cands, tb, args, out, scratch, key)
+    tb = TaskBuilder(args, protocol, users, build_builder(tokenizer, run.titles(), asdict(args)), index, prefs, cands["train"],
+                     len(cands["test"][0]["candidates"]))
+    key = run.stage_key("tasks")
+    parts, mixed, mixing = write_training_sets(run, tb, tasks, args, key)
+    eval_meta = write_eval_sets(cands, tb, args, run, key)
     ids = letter_ids(tokenizer, parts["next_item"][0]["prompt"], len(cands["test"][0]["candidates"]))
     total_p = sum(getattr(args, f"p_{t}") for t in parts)
     mixture = {"protocol": {"name": args.protocol, **protocol}, "model_name_or_path": args.model_name_or_path, "tokenizer": settings["tokenizer"],
                "tasks": {t: {"proportion": round(getattr(args, f"p_{t}") / total_p, 4), "rows": len(ds)} for t, ds in parts.items()},
                "skipped": skipped, "mixing": mixing, "train_samples": len(mixed), "next_item_samples": len(parts["next_item"]),
                "num_candidates": len(ids), "letter_token_ids": ids, "seed": args.seed}
-    write_json(out / "mixture.json", mixture)
-    write_json(out / "eval_meta.json", eval_meta)
+    write_json(run.mixture_file, mixture)
+    write_json(run.eval_meta_file, eval_meta)
     run.finish("tasks")
     logger.info("tasks: %d training rows (%s), protocol %s; evaluation users %s", len(mixed),
                 ", ".join(f"{t} {len(ds)}" for t, ds in parts.items()), protocol, eval_meta)
-    return out
+    return run.path("tasks")
+
+
+def write_training_sets(run: RunDir, tb: TaskBuilder, tasks: list[str], args: TaskArguments, key: str):
+    """Each task's rows (the next-item sample, then each alignment task's share of users) and their mixture `train`;
+    (the non-empty task datasets, the mixture, how it was mixed)."""
+    users, prefs, index = tb.users, tb.prefs, tb.index
+    targets = sample(training_targets(users, tb.protocol["train_targets"]), args.max_train_samples, f"{args.seed}-train")
+    counts = mixture_counts(tasks, len(targets), len(users), args)
+    parts = {"next_item": save_rows(tb.next_item(targets), run.task_path("next_item"), run.tasks_scratch, key)}
+    for t in tasks[1:]:
+        eligible = [u for u in users if (t not in NEEDS_PREFERENCE or prefs.get(u["user"])) and (t not in NEEDS_INDEX or index.get(u["user"]))]
+        parts[t] = save_rows(tb.alignment(t, sample(eligible, counts[t], f"{args.seed}-{t}")), run.task_path(t), run.tasks_scratch, key)
+    parts = {t: ds for t, ds in parts.items() if ds is not None}
+    mixed, mixing = mix(parts, args.seed)
+    mixed.save_to_disk(str(run.task_path("train")))
+    return parts, mixed, mixing

