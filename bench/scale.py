@@ -132,11 +132,13 @@ def measure(size: str, engine: str, results: dict, timeout: float) -> dict:
     row = {"size": size, "engine": engine, "status": status_of(code, timeout), "wall_s": round(wall, 1), "peak_rss_gib": round(peak / GiB, 3)}
     if code != 0:
         return row
-    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    from ulmrec_hf.layout import RunDir
+
+    stats = json.loads(RunDir(run_dir).prepare_stats_file.read_text())
     reviews = results["inputs"][size]["reviews"]
     return {**row, "reviews": reviews, "prepare_s": stats["wall_time_s"], "us_per_review": round(1e6 * wall / reviews, 2),
             "users": stats["users"], "items": stats["items"], "interactions": stats["interactions"],
-            "dataset_bytes": sum(p.stat().st_size for p in (run_dir / "data").rglob("*.arrow"))}
+            "dataset_bytes": sum(p.stat().st_size for p in RunDir(run_dir).path("prepare").rglob("*.arrow"))}
 
 
 def uncapped_recipe(run_dir: Path) -> Path:

@@ -66,6 +66,21 @@ def test_begin_finish_skip_differ_resume(tmp_path):
     assert not (run.path("retrieve") / "partial.txt").exists() and not run.is_complete("retrieve")
 
 
+def test_a_retired_setting_at_its_old_value_still_matches(tmp_path):
+    """v0.3 tasks records hold `use_next_item: true`; v0.4 removed the flag, and those runs still resume and skip."""
+    run = RunDir(tmp_path)
+    settings = {"tasks": {"protocol": "paper"}, "tokenizer": "t"}
+    run.begin("tasks", {"tasks": {**settings["tasks"], "use_next_item": True}, "tokenizer": "t"}, overwrite=False)
+    run.finish("tasks")
+    fingerprint = run.stage_fingerprint("tasks")
+    assert run.begin("tasks", settings, overwrite=False) is False and run.stage_fingerprint("tasks") == fingerprint
+    other = RunDir(tmp_path / "b")
+    other.begin("tasks", {"tasks": {**settings["tasks"], "use_next_item": False}, "tokenizer": "t"}, overwrite=False)
+    other.finish("tasks")
+    with pytest.raises(UlmrecError, match=r"finished output made with other settings:\n  settings.tasks.use_next_item: false -> \"<unset>\""):
+        other.begin("tasks", settings, overwrite=False)
+
+
 def test_inputs_are_recorded_and_a_changed_input_is_reported(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(UlmrecError, match="run `ulmrec prepare` first"):

@@ -98,6 +98,15 @@ def test_ablation_variants_are_all_different():
     assert variant_overrides(["pid_wo_align"]) == {"wo_all_align": VARIANTS["wo_all_align"]}
 
 
+def test_an_alias_keeps_its_row_in_the_ablation_table():
+    from ulmrec_hf.runner import ablation_table
+
+    metrics = {"rank": {"ndcg@10": 0.25, "recall@10": 0.5}, "overall": {"ndcg@10": 0.05, "recall@10": 0.1}}
+    row = {"test": {"ranker": metrics}, "protocol": {"eval_order": "retriever"}}
+    table = ablation_table({"wo_all_align": row, "pid_wo_align": row})
+    assert "| pid_wo_align (= wo_all_align, trained once) | 0.2500 |" in table and "| wo_all_align | 0.2500 |" in table
+
+
 def test_ablation_variants():
     configs = variant_overrides(["full", "wo_all_align", "nid", "oid_wo_align", "wo_intent"])
     assert configs["full"] == [] and stages_for(configs["full"]) == ["tasks", "train", "evaluate"]

@@ -83,6 +83,22 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return lines
 
 
+# Settings a later version removed, at the only value older versions allowed: a record holding them still matches, so a
+# run made before the removal resumes instead of recomputing (its fingerprint, already recorded downstream, is kept).
+RETIRED = {"tasks": {("tasks", "use_next_item"): True}}
+
+
+def without_retired(stage: str, settings: dict) -> dict:
+    settings = json.loads(json.dumps(settings))
+    for (*parents, key), value in RETIRED.get(stage, {}).items():
+        group = settings
+        for name in parents:
+            group = group.get(name, {}) if isinstance(group, dict) else {}
+        if isinstance(group, dict) and group.get(key, object()) == value:
+            del group[key]
+    return settings
+
+
 class RunDir:
     def __init__(self, root):
         self.root = Path(root)
@@ -138,7 +154,7 @@ class RunDir:
         for marker, state in ((COMPLETE, "finished"), (STARTED, "unfinished")):
             if (folder / marker).exists():
                 old = read_json(folder / marker)
-                old = {"settings": old.get("settings", {}), "inputs": old.get("inputs", {})}
+                old = {"settings": without_retired(stage, old.get("settings", {})), "inputs": old.get("inputs", {})}
                 if old == record:
                     return state
                 raise UlmrecError(f"{stage}: {folder} holds {state} output made with other settings:\n"

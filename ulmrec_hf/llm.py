@@ -110,6 +110,6 @@ def load_causal_lm(name: str, dtype: str = "float32", device: str | None = None,
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=getattr(torch, dtype), **kwargs)
-    if device:
+    if device is not None:
         model.to(device)
     return model

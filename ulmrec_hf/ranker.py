@@ -196,7 +196,8 @@ def load_base(name: str, quantization: str, dtype: str, device, vocab_size: int,
 
     quant = quantization_config(quantization, dtype, nested, storage)
     placement = {"quantization_config": quant, "device_map": {"": device if device is not None else "cpu"}} if quant else {"device": device}
-    base = load_causal_lm(name, dtype=dtype, revision=revision or "main", attn_implementation=attn_implementation or "sdpa", **placement)
+    attention = {"attn_implementation": attn_implementation} if attn_implementation else {}  # else transformers' default
+    base = load_causal_lm(name, dtype=dtype, revision=revision or "main", **attention, **placement)
     resize_embeddings(base, vocab_size)
     disable_cpu_repack(base)
     return base
@@ -226,12 +227,24 @@ def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False
     device = device or default_device()
     quantization, dtype = ("none", merge_dtype) if merge else (config.get("quantization", "none"), config.get("dtype", "float32"))
     base = load_base(config["base_model"], quantization, dtype, device, len(tokenizer), config.get("double_quantization", True),
-                     None if merge else config.get("quant_storage"), config.get("model_revision"), config.get("attn_implementation"))
+                     None if merge else config.get("quant_storage"), config.get("model_revision"), scoring_attention(config, device))
     model = PeftModel.from_pretrained(base, ranker_dir)
     if merge:
         model = model.merge_and_unload()
     config = {**config, "loaded_as": f"merged-{dtype}" if merge else f"as trained ({quantization}, {dtype})"}
     return model.eval(), tokenizer, config
+
+
+def scoring_attention(config: dict, device) -> str | None:
+    """The attention a ranker was trained with, unless it cannot run here (flash attention off CUDA or not installed):
+    then transformers' default, which computes the same attention."""
+    import importlib.util
+
+    recorded = config.get("attn_implementation")
+    if recorded and recorded.startswith("flash_attention") and (not str(device).startswith("cuda") or importlib.util.find_spec("flash_attn") is None):
+        logger.info("ranker trained with %s, which cannot run on %s; scoring with transformers' default attention", recorded, device)
+        return None
+    return recorded
 
 
 def load_zero_shot(name: str, index_tokens: list[str], letter_token_ids: list[int], dtype: str = "float32", device: str | None = None):

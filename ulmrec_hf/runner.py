@@ -284,7 +284,9 @@ def run_ablation(recipe_path: str, names: list[str], argv: list[str]) -> Path:
         for stage in stages:
             run_stage(stage, stage_argv(stage, recipe_path, overrides))
         results[name] = RunDir(vdir).eval_metrics()
-    write_json(root / "ablation.json", {"recipe": recipe_path, "variants": {n: VARIANTS[n] for n in results}, "results": results,
+    results = {n: results[ALIASES.get(n, n)] for n in dict.fromkeys(names)}  # an alias keeps its row, with its target's numbers
+    write_json(root / "ablation.json", {"recipe": recipe_path, "variants": {n: VARIANTS[ALIASES.get(n, n)] for n in results},
+                                        "aliases": {n: t for n, t in ALIASES.items() if n in results}, "results": results,
                                         "stages": recipe.get("stages")})
     (root / "ablation.md").write_text(ablation_table(results))
     plot(results, root / "ablation.png")
@@ -297,7 +299,8 @@ def ablation_table(results: dict) -> str:
     nan = {"rank": {"ndcg@10": float("nan")}}
     for name, r in results.items():
         m, u = r["test"]["ranker"], r["test"].get("ranker_uid_only", nan)
-        lines.append(f"| {name} | {m['rank']['ndcg@10']:.4f} | {m['rank']['recall@10']:.4f} | {m['overall']['ndcg@10']:.4f} | "
+        label = f"{name} (= {ALIASES[name]}, trained once)" if name in ALIASES else name
+        lines.append(f"| {label} | {m['rank']['ndcg@10']:.4f} | {m['rank']['recall@10']:.4f} | {m['overall']['ndcg@10']:.4f} | "
                      f"{m['overall']['recall@10']:.4f} | {u['rank']['ndcg@10']:.4f} |")
     order = {r["protocol"]["eval_order"] for r in results.values()}
     return "\n".join(lines) + f"\n\nEvaluation candidate order: {', '.join(sorted(order))}.\n"
