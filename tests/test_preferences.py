@@ -338,16 +338,21 @@ def test_a_wrong_model_name_lists_the_served_models(fresh_run):
     assert "not among the models the server offers (GET /v1/models): /models/SmolLM2-135M-Instruct" in proc.stderr
 
 
+def salvage_in_chat(run, answers: dict):
+    """Five users asked in chat mode, one retry after an invalid answer: (the process, requests per user, payloads per user)."""
+    with FakeOpenAI(faults=False, answers=answers) as server:
+        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "5", "--answer_mode", "chat", "--invalid_retries", "1"),
+                              capture_output=True, text=True, timeout=300)
+        return proc, {tag: len(times) for tag, times in server.requests.items()}, dict(server.payloads)
+
+
 def test_salvaged_answers_are_labelled_and_counted(fresh_run):
     run = fresh_run
     answers = {0: "Here is the user's preference in one sentence: User u0000 likes gentle soaps and mild scents.",
                1: "1. User u0001 likes gentle soaps and mild scents.",
                2: "User u0002 likes gentle soaps. They dislike strong scents.",
                3: "The user's preferences are: 1. gentle soaps 2. mild scents and soft brushes"}
-    with FakeOpenAI(faults=False, answers=answers) as server:
-        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "5", "--answer_mode", "chat", "--invalid_retries", "1"),
-                              capture_output=True, text=True, timeout=300)
-        asked = {tag: len(times) for tag, times in server.requests.items()}
+    proc, asked, _ = salvage_in_chat(run, answers)
     assert proc.returncode == 2
     prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
     assert prefs["R0000"] == "User u0000 likes gentle soaps and mild scents." and prefs["R0001"] == "User u0001 likes gentle soaps and mild scents."
@@ -420,10 +425,8 @@ def test_an_introduction_on_its_own_line_is_salvaged_in_chat_mode(fresh_run):
                1: "Sure! Here is the user's preference:\n\nUser u0001 likes gentle soaps and mild scents.\n\nI hope this helps!",
                2: "The user's preferences are:\n1. gentle soaps\n2. mild scents and soft brushes",
                3: "Here is the answer: Review 0 by u0003: the scent was too strong."}  # a review without its "- (N stars) " marker
-    with FakeOpenAI(faults=False, answers=answers) as server:
-        proc = subprocess.run(cli_args(run, server.base_url, "--max_users", "5", "--answer_mode", "chat", "--invalid_retries", "1"),
-                              capture_output=True, text=True, timeout=300)
-        first = server.payloads["u0000"][0]
+    proc, _, payloads = salvage_in_chat(run, answers)
+    first = payloads["u0000"][0]
     assert proc.returncode == 2 and "stop" not in first and first["max_tokens"] == 96
     prefs, failures = stored(run), read_json(run / "preferences" / "failures.json")
     assert prefs["R0000"] == "User u0000 likes gentle soaps and mild scents." and prefs["R0001"] == "User u0001 likes gentle soaps and mild scents."

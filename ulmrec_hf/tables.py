@@ -133,7 +133,7 @@ def csv_options(path: Path) -> tuple[dict, list[int], list[int]]:
     field count differs from the header's is malformed. Returns the options and the start lines of good and bad records."""
     import datasets
 
-    sep = "\t" if builder_of(path) == "csv" and ".tsv" in [s.lower() for s in path.suffixes] else ","
+    sep = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
     reader = csv.reader((line for _, line in text_lines(path)), delimiter=sep)
     header = next(reader, None)
     if not header:
