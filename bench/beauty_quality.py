@@ -1,4 +1,4 @@
-"""Does the LLM re-ranker earn its place on real Beauty? The paper's Table 2 at CPU scale (SmolLM2-135M, LoRA), issue 12.
+"""Does the LLM re-ranker earn its place on real Beauty? The paper's Table 2 at CPU scale (SmolLM2-135M, LoRA), issues 12 and 21.
 
 Two protocols side by side, every row on the same test users and candidates:
 - paper: the retriever's order at evaluation (letter A is LRURec's top-1), as the authors' code evaluates;
@@ -6,26 +6,36 @@ Two protocols side by side, every row on the same test users and candidates:
 Training is the authors' in both (every prefix of each training sequence, 19 random negatives, shuffled), so each model
 is trained once on identical rows (checked), with its final checkpoint only, and scored under both orders.
 
-Rows: LRURec order; zero-shot SmolLM2 (LlamaRec prompts, no tuning); LlamaRec-style (next-item only, no user field);
-ULMRec pid (our index + every alignment task; the same next-item rows, alignment rows on top); each LLM row also fused
-with LRURec, z(retriever) + w z(letter log-prob), w chosen on validation users only. Paired 95 % CIs of per-user
-rank NDCG@10 against LRURec and against LlamaRec-style.
+Three parts, each resumable:
+1. v0.4's rows (the paper's training options): LRURec order; zero-shot SmolLM2 (LlamaRec prompts, no tuning);
+   LlamaRec-style (next-item only, no user field); ULMRec pid (our index + every alignment task; the same next-item rows,
+   alignment rows on top); each LLM row also fused with LRURec, z(retriever) + w z(letter log-prob), w chosen on validation.
+2. Options chosen on validation users only (paper protocol, each model's 400 next-item rows, the validation users the
+   fusion weight uses): the loss (`next_item_loss`, `loss_normalization`), then ULMRec's `index_token_init`, then
+   `eval_permutations` (1 or 3) per model. A challenger replaces the incumbent (the paper's option, or the cheaper k) only
+   when it beats it by more than one paired standard error, the rule the fusion weight follows. The loss options are tried
+   as one challenger (`letters` with `sample`: the pair that removes the dilution of the letter rows), not one by one, and
+   `candidate_permutations` stays 1 (it multiplies the training rows): this CPU budget allows no more trainings.
+3. The test table, run once, with what validation chose: zero-shot, LlamaRec-style and ULMRec (every alignment task), ULMRec
+   with none, LlamaRec-style and ULMRec with 4x the next-item rows; uid-only, swapped-index and random-order rows of ULMRec.
+Paired 95 % CIs of per-user rank NDCG@10 against LRURec and against LlamaRec-style at equal next-item rows.
 
-Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--validation_users 4000]
+Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--validation_users 4000] [--report_only]
 Environment: ULMREC_BENCH_RUNS=DIR keeps the runs outside the checkout; ULMREC_BENCH_LOCK=FILE makes each stage hold that
 lock (flock), so that other jobs sharing a 2-core machine run between stages instead of beside them.
-Resumable (bench/runs/beauty-quality/): finished stages are skipped and training resumes. About 3 h (179 min measured) on 2 cores
-including LRURec (run it in the background: nohup python bench/beauty_quality.py > bench/runs/beauty-quality.log 2>&1 &).
+Resumable (bench/runs/beauty-quality/): finished stages are skipped and training resumes. Part 1 took 179 min on 2 cores
+including LRURec; parts 2 and 3 take several hours more (run it in the background, in as many sessions as it needs:
+nohup python bench/beauty_quality.py > bench/runs/beauty-quality.log 2>&1 &); --report_only writes the tables of what
+has finished.
 """
 
 import argparse
 import json
-import math
 import os
 import sys
 from pathlib import Path
 
-from bench_common import NO_ALIGN_TASKS
+from bench_common import NO_ALIGN_TASKS, add_wall, ci_text, held, paired, per_user
 from bench_common import stage as run_timed
 
 from ulmrec_hf.layout import RunDir
@@ -44,14 +54,25 @@ PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
 PROTOCOLS = ("paper", "shuffled")
 MODELS = {"llamarec": NO_ALIGN_TASKS, "ulmrec_pid": []}
 WALL = RUNS / "wall_s.json"  # seconds per stage, summed over the calls that ran it (a resumed stage adds up)
+TRAIN = ["--eval_before_training", "false", "--eval_steps", "1000000"]  # the final weights, scored once at the end
+# Part 3's longer trainings keep a checkpoint every 25 steps, so a session that ends mid-training loses little (the final
+# weights are kept either way: nothing is evaluated before the end).
+RESUMABLE = ["--save_steps", "25", "--load_best_model_at_end", "false"]
+DEFAULTS = {"next_item_loss": "lm", "loss_normalization": "token", "index_token_init": "mean"}  # the paper's training options
+# Challengers tried on validation, one step after another; each step starts from what the step before chose.
+STEPS = {"llamarec": [("loss", [{"next_item_loss": "letters"}])],
+         "ulmrec_pid": [("loss", [{"next_item_loss": "letters", "loss_normalization": "sample"}]),
+                        ("index_token_init", [{"index_token_init": "text"}])],
+         "zero_shot": []}
+EVAL_PERMUTATIONS = (1, 3)
+SELECTION = RUNS / "select" / "selection.json"
+X4 = 4  # the larger training budget: this many times the next-item rows
 
 
 def stage(name: str, run: Path, flags: list[str]) -> None:
     """One stage with the recipe, holding STAGE_LOCK; its seconds are added to WALL."""
     seconds = run_timed(name, run, flags, recipe=RECIPE, lock=STAGE_LOCK, label=str(run.relative_to(RUNS)))
-    wall, key = read_wall(), f"{run.relative_to(RUNS)}/{name}"
-    wall[key] = round(wall.get(key, 0) + seconds, 1)
-    WALL.write_text(json.dumps(wall, indent=2) + "\n")
+    add_wall(WALL, f"{run.relative_to(RUNS)}/{name}", seconds)
 
 
 def read_wall() -> dict:
@@ -73,24 +94,29 @@ def base_run() -> Path:
     return base
 
 
-def model_runs(base: Path, common: list[str], train_flags: list[str]) -> None:
-    """Each model: tasks and training in the paper protocol, evaluated there; then the shuffled protocol's tasks
-    (identical training rows, checked) and the same ranker evaluated on them."""
+def protocol_pair(base: Path, root: Path, name: str, model: str, tasks: list[str], train: list[str], evaluate: list[str]) -> None:
+    """One model (runs root/<protocol>/<name>): tasks and training in the paper protocol, evaluated there; then the shuffled
+    protocol's tasks (identical training rows, checked) and the same ranker evaluated on them."""
+    index = [] if model == "ulmrec_pid" else ["--scheme", "none"]
+    for protocol in PROTOCOLS:
+        run = root / protocol / name
+        link_shared(base, run, ("prepare", "retrieve", "preferences") + (() if index else ("index",)))
+        if index:
+            stage("index", run, index)
+        stage("tasks", run, ["--protocol", protocol, *tasks])
+        if protocol == "paper":
+            stage("train", run, train)
+            stage("evaluate", run, evaluate)
+        else:
+            paper = root / "paper" / name
+            same_rows(paper, run)
+            stage("evaluate", run, [*evaluate, "--ranker", str(RunDir(paper).ranker)])
+
+
+def model_runs(base: Path, common: list[str]) -> None:
+    """Part 1: each model with the paper's training options, then the zero-shot base on LlamaRec-style prompts."""
     for model, flags in MODELS.items():
-        index = [] if model == "ulmrec_pid" else ["--scheme", "none"]
-        for protocol in PROTOCOLS:
-            run = RUNS / protocol / model
-            link_shared(base, run, ("prepare", "retrieve", "preferences") + (("index",) if model == "ulmrec_pid" else ()))
-            if index:
-                stage("index", run, index)
-            stage("tasks", run, ["--protocol", protocol, *common, *flags])
-            if protocol == "paper":
-                stage("train", run, train_flags)
-                stage("evaluate", run, ["--uid_only", "false"])
-            else:
-                paper = RUNS / "paper" / model
-                same_rows(paper, run)
-                stage("evaluate", run, ["--uid_only", "false", "--ranker", str(RunDir(paper).ranker)])
+        protocol_pair(base, RUNS, model, model, [*common, *flags], TRAIN, ["--uid_only", "false"])
     for protocol in PROTOCOLS:
         zero = RUNS / protocol / "zero_shot"
         link_shared(RUNS / protocol / "llamarec", zero, ("prepare", "retrieve", "preferences", "index", "tasks"))
@@ -103,15 +129,117 @@ def same_rows(a: Path, b: Path) -> None:
         raise SystemExit(f"{a} and {b} have different training rows; a ranker cannot be shared between them")
 
 
-def per_user(run: Path) -> dict:
-    import datasets
+# -- part 2: options chosen on validation users ----------------------------------------------------------------------
+def option_flags(options: dict) -> list[str]:
+    return [arg for key, value in options.items() for arg in (f"--{key}", value)]
 
-    from ulmrec_hf.metrics import load_metric
 
-    test = datasets.load_from_disk(str(RunDir(run).eval_per_user))["test"]
-    ndcg = lambda ranks: load_metric("ranks").compute(predictions=ranks, ks=[10], per_user=True)["per_user"]["ndcg@10"]  # noqa: E731
-    return {"ranker": dict(zip(test["user_id"], ndcg(test["rank"]))), "fused": dict(zip(test["user_id"], ndcg(test["fused_rank"]))),
-            "retriever": dict(zip(test["user_id"], ndcg(test["retriever_rank"])))}
+def label(options: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in options.items())
+
+
+def trained(model: str, options: dict) -> Path:
+    """The paper-protocol run whose ranker learned `model`'s part-1 rows with `options` (part 1's own run for the paper's)."""
+    paper = RUNS / "paper" / model
+    if options == DEFAULTS or model == "zero_shot":
+        return paper
+    run = RUNS / "select" / model / "__".join(f"{k}-{v}" for k, v in options.items() if DEFAULTS[k] != v)
+    link_shared(paper, run, ("prepare", "retrieve", "preferences", "index", "tasks"))
+    stage("train", run, [*TRAIN, *option_flags(options)])
+    return run
+
+
+def validation_ndcg(model: str, run: Path, k: int):
+    """Per-user rank NDCG@10 on the validation users, from the letter scores over k candidate orders: k = 1 as training
+    (or part 1's zero-shot evaluation) saved them; k > 1 scored here once, holding STAGE_LOCK, and kept in select/."""
+    import numpy as np
+
+    from ulmrec_hf.common import read_json
+    from ulmrec_hf.metrics import score_metrics
+
+    r = RunDir(run)
+    validation = r.eval_set("validation")
+    if model == "zero_shot":
+        import datasets
+
+        scores = np.array(datasets.load_from_disk(str(r.eval_per_user))["validation"]["scores"], dtype=np.float32)
+    else:
+        scores = np.array(read_json(r.ranker_files.validation_scores)["scores"], dtype=np.float32)
+    if k > 1:
+        cache = RUNS / "select" / f"validation_k{k}_{run.relative_to(RUNS).as_posix().replace('/', '_')}.npy"
+        if not cache.exists():
+            with held(STAGE_LOCK):
+                np.save(cache, more_orders(model, r, validation, scores, k))
+        scores = np.load(cache)
+    return np.array(score_metrics(scores, np.array(validation["target_position"]), ks=(10,), per_user=True)["per_user"]["ndcg@10"])
+
+
+def more_orders(model: str, run: RunDir, validation, first, k: int):
+    """The validation scores averaged over k candidate orders, as `evaluate --eval_permutations k` computes them."""
+    from ulmrec_hf.evaluate import EvaluateArguments, load_model, score, split_key
+
+    args = EvaluateArguments(eval_permutations=k, zero_shot=model == "zero_shot", zero_shot_dtype="bfloat16")
+    return score(*load_model(run, args), validation, args, "validation", split_key(run, "validation"), first)
+
+
+def challenge(incumbent: str, ndcg: dict) -> tuple[str, dict]:
+    """The best challenger when its mean validation NDCG@10 beats the incumbent's by more than one paired standard error
+    (a smaller gain is noise on a few hundred users), else the incumbent; with each one's record."""
+    import numpy as np
+
+    base, record = ndcg[incumbent], {}
+    for name, v in ndcg.items():
+        d = v - base
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if name != incumbent else 0.0
+        record[name] = {"ndcg@10": round(float(v.mean()), 4), "diff_vs_incumbent": round(float(d.mean()), 4), "paired_se": round(se, 4)}
+    winners = [n for n, r in record.items() if n != incumbent and r["diff_vs_incumbent"] > r["paired_se"]]
+    return (max(winners, key=lambda n: record[n]["ndcg@10"]) if winners else incumbent), record
+
+
+def select(model: str) -> dict:
+    """Part 2 for one model: each step's options, then eval_permutations, chosen on validation users."""
+    options, steps = dict(DEFAULTS), []
+    for step, challengers in STEPS[model]:
+        tried = {label(o): o for o in [options] + [{**options, **c} for c in challengers]}
+        ndcg = {name: validation_ndcg(model, trained(model, o), 1) for name, o in tried.items()}
+        chosen, record = challenge(label(options), ndcg)
+        steps.append({"step": step, "incumbent": label(options), "chosen": chosen, "candidates": record})
+        options = tried[chosen]
+    run = trained(model, options)
+    ndcg = {str(k): validation_ndcg(model, run, k) for k in EVAL_PERMUTATIONS}
+    k, record = challenge(str(EVAL_PERMUTATIONS[0]), ndcg)
+    steps.append({"step": "eval_permutations", "incumbent": str(EVAL_PERMUTATIONS[0]), "chosen": k, "candidates": record})
+    return {"options": options, "eval_permutations": int(k), "run": str(run.relative_to(RUNS)), "steps": steps}
+
+
+def selection() -> dict:
+    chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+    for model in STEPS:
+        if model not in chosen:
+            chosen[model] = select(model)
+            SELECTION.write_text(json.dumps(chosen, indent=2) + "\n")
+    return chosen
+
+
+# -- part 3: the test table with what validation chose -------------------------------------------------------------
+def eval_flags(model: str, chosen: dict) -> list[str]:
+    zero = ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"] if model == "zero_shot" else []
+    return [*zero, "--eval_permutations", str(chosen[model]["eval_permutations"]), "--uid_only", str(model == "ulmrec_pid").lower()]
+
+
+def chosen_runs(base: Path, chosen: dict, common: list[str], x4: list[str]) -> None:
+    """Part 3: the part-2 rankers scored on test once (both protocols), and the rows trained here with the chosen options."""
+    for model in ("zero_shot", "llamarec", "ulmrec_pid"):
+        tasks_from = "llamarec" if model == "zero_shot" else model
+        ranker = [] if model == "zero_shot" else ["--ranker", str(RunDir(RUNS / chosen[model]["run"]).ranker)]
+        for protocol in PROTOCOLS:
+            run = RUNS / "chosen" / protocol / model
+            link_shared(RUNS / protocol / tasks_from, run, ("prepare", "retrieve", "preferences", "index", "tasks"))
+            stage("evaluate", run, [*ranker, *eval_flags(model, chosen)])
+    own = {"ulmrec_no_align": ("ulmrec_pid", [*common, *NO_ALIGN_TASKS]), f"llamarec_x{X4}": ("llamarec", [*x4, *NO_ALIGN_TASKS]),
+           f"ulmrec_pid_x{X4}": ("ulmrec_pid", x4)}
+    for name, (model, tasks) in own.items():
+        protocol_pair(base, RUNS / "chosen", name, model, tasks, [*TRAIN, *RESUMABLE, *option_flags(chosen[model]["options"])], eval_flags(model, chosen))
 
 
 def old_rule_ndcg(run: Path) -> dict:
@@ -133,14 +261,6 @@ def old_rule_ndcg(run: Path) -> dict:
     return out
 
 
-def paired(values: dict, base: dict) -> dict:
-    users = sorted(base)
-    x, d = [values[u] for u in users], [values[u] - base[u] for u in users]
-    mean = lambda v: sum(v) / len(v)  # noqa: E731
-    se = lambda v: math.sqrt(sum((e - mean(v)) ** 2 for e in v) / (len(v) - 1) / len(v))  # noqa: E731
-    return {"mean": round(mean(x), 4), "diff": round(mean(d), 4), "ci95": [round(mean(d) - 1.96 * se(d), 4), round(mean(d) + 1.96 * se(d), 4)]}
-
-
 def rows_of(protocol: str) -> dict:
     """label -> (run, kind, per-user NDCG@10, metrics) for one protocol."""
     out = {}
@@ -153,6 +273,47 @@ def rows_of(protocol: str) -> dict:
         out[model] = (users["ranker"], {**metrics["test"]["ranker"], "old_rule_rank_ndcg@10": old["ranker"]}, None)
         out[f"{model} + LRURec fused"] = (users["fused"], {**metrics["test"]["fused"], "old_rule_rank_ndcg@10": old["fused"]}, metrics["fusion"]["weight"])
     return out
+
+
+CHOSEN = {"zero-shot": "zero_shot", "LlamaRec-style": "llamarec", "ULMRec": "ulmrec_pid", "ULMRec, no alignment": "ulmrec_no_align",
+          f"LlamaRec-style, {X4}x rows": f"llamarec_x{X4}", f"ULMRec, {X4}x rows": f"ulmrec_pid_x{X4}"}
+UID_ROWS = {"uid_only": "ULMRec uid-only (index + candidates)", "uid_only_swapped_index": "ULMRec uid-only, every index another user's",
+            "random_order": "random order"}
+
+
+def chosen_rows(protocol: str) -> tuple[dict, list[str]]:
+    """Part 3's rows of one protocol, label -> (per-user NDCG@10, metrics, fusion w, LlamaRec-style row at equal next-item
+    rows), and the runs not finished yet."""
+    out, pending = {}, []
+    for label, name in CHOSEN.items():
+        run = RUNS / "chosen" / protocol / name
+        if not RunDir(run).is_complete("evaluate"):
+            pending.append(f"chosen/{protocol}/{name}")
+            continue
+        metrics, users = RunDir(run).eval_metrics(), per_user(run)
+        equal = f"LlamaRec-style, {X4}x rows" if name.endswith(f"_x{X4}") else "LlamaRec-style"
+        if not out:
+            out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None, None)
+        out[label] = (users["ranker"], metrics["test"]["ranker"], None, equal)
+        out[f"{label} + LRURec fused"] = (users["fused"], metrics["test"]["fused"], metrics["fusion"]["weight"], equal)
+        for row, text in UID_ROWS.items() if name == "ulmrec_pid" else ():
+            key = "random_order" if row == "random_order" else f"ranker_{row}"
+            out[text] = (users[row], metrics["test"][key], None, None)
+    return out, pending
+
+
+def chosen_table() -> tuple[dict, list[str]]:
+    results, pending = {}, []
+    for protocol in PROTOCOLS:
+        rows, missing = chosen_rows(protocol)
+        pending += missing
+        if "LRURec order" not in rows:
+            continue
+        lrurec = rows["LRURec order"][0]
+        results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w, "tied_gold_users": m["tied_gold_users"],
+                                     "vs_lrurec": paired(v, lrurec), "vs_llamarec_equal_rows": paired(v, rows[equal][0]) if equal in rows else None,
+                                     "llamarec_row": equal} for label, (v, m, w, equal) in rows.items()}
+    return results, pending
 
 
 def previous_release() -> dict:
@@ -181,7 +342,8 @@ def report(args) -> dict:
                "training": {m: {"next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"], "tasks": mix["tasks"]}
                             for m, mix in mixtures.items()},
                "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": wall, "wall_s_total": round(sum(wall.values()), 1),
-               "results": results}
+               "results": results, "selection": json.loads(SELECTION.read_text()) if SELECTION.exists() else None}
+    summary["chosen"], summary["pending"] = chosen_table()
     (ROOT / "bench" / "results" / "beauty_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     (ROOT / "bench" / "results" / "beauty_quality.md").write_text(markdown(summary))
     print(markdown(summary))
@@ -213,15 +375,43 @@ def markdown(s: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
-            ci = lambda p: f"{p['diff']:+.4f} [{p['ci95'][0]:+.4f}, {p['ci95'][1]:+.4f}]"  # noqa: E731
             fmt = lambda v: "—" if v is None else f"{v:.4f}"  # noqa: E731
             lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {fmt(r.get('old_rule_rank_ndcg@10'))} | {fmt(r['v0.2.0_rank_ndcg@10'])} | {r['tied_gold_users']} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
-                         f"{r['overall']['ndcg@10']:.4f} | {ci(r['vs_lrurec'])} | {ci(r['vs_llamarec'])} |")
+                         f"{r['overall']['ndcg@10']:.4f} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec'])} |")
         lines.append("")
     paper = s["paper_metrics"]
     lines.append(f"For scale, the authors' released Llama-2-7b checkpoint on all test users with their own LRURec candidates: "
                  f"rank N@10 {paper['rank_subset']['test_NDCG@10']:.4f}, overall N@10 {paper['overall']['test_NDCG@10']:.4f}.")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + selection_markdown(s["selection"]) + chosen_markdown(s["chosen"], s["pending"])) + "\n"
+
+
+def selection_markdown(selection: dict | None) -> list[str]:
+    lines = ["", "## Options chosen on validation users (paper protocol, 400 next-item rows)", ""]
+    if not selection:
+        return lines + ["Not measured yet."]
+    lines += ["A challenger replaces the incumbent only when it beats it by more than one paired standard error of per-user "
+              "validation rank NDCG@10.", "", "| model | step | candidate | validation rank N@10 | Δ vs incumbent (SE) | chosen |", "|---|---|---|---|---|---|"]
+    for model, r in selection.items():
+        for step in r["steps"]:
+            for name, c in step["candidates"].items():
+                lines.append(f"| {model} | {step['step']} | {name} | {c['ndcg@10']:.4f} | {c['diff_vs_incumbent']:+.4f} ({c['paired_se']:.4f}) | "
+                             f"{'**yes**' if name == step['chosen'] else ''} |")
+    return lines
+
+
+def chosen_markdown(chosen: dict, pending: list[str]) -> list[str]:
+    lines = ["", "## The test table with what validation chose", ""]
+    if pending:
+        lines += [f"Not finished yet: {', '.join(pending)}.", ""]
+    for protocol, rows in chosen.items():
+        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | Δ vs LRURec (95 % CI) | "
+                  "Δ vs LlamaRec-style at equal next-item rows (95 % CI) |", "|---|---|---|---|---|---|---|---|"]
+        for label, r in rows.items():
+            name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
+            lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {r['tied_gold_users']} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
+                         f"{r['overall']['ndcg@10']:.4f} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
+        lines.append("")
+    return lines
 
 
 def main() -> int:
@@ -232,14 +422,16 @@ def main() -> int:
     parser.add_argument("--train_samples", type=int, default=400, help="Next-item training rows of both models.")
     parser.add_argument("--eval_users", type=int, default=8000, help="Test users sampled (about 13%% have the ground truth in the top 20).")
     parser.add_argument("--validation_users", type=int, default=4000)
+    parser.add_argument("--report_only", action="store_true", help="Write the tables of what has finished, run nothing.")
     args = parser.parse_args()
     if not DATA.exists():
         print(f"skip: {DATA} is absent")
         return 0
-    common = ["--max_train_samples", str(args.train_samples), "--max_eval_users", str(args.eval_users), "--eval_seed", str(EVAL_SEED),
-              "--max_validation_users", str(args.validation_users), *PROMPT]
-    train_flags = ["--eval_before_training", "false", "--eval_steps", "1000000"]  # the final weights, scored once at the end
-    model_runs(base_run(), common, train_flags)
+    if not args.report_only:
+        sizes = ["--max_eval_users", str(args.eval_users), "--eval_seed", str(EVAL_SEED), "--max_validation_users", str(args.validation_users), *PROMPT]
+        base, common = base_run(), ["--max_train_samples", str(args.train_samples), *sizes]
+        model_runs(base, common)
+        chosen_runs(base, selection(), common, ["--max_train_samples", str(X4 * args.train_samples), *sizes])
     report(args)
     return 0
 

@@ -28,13 +28,20 @@ def test_gpu_beauty_dry_run(tmp_path):
     out = tmp_path / "gpu_beauty.json"
     proc = subprocess.run([sys.executable, str(BENCH / "gpu_beauty.py"), "--dry_run", "--runs", str(tmp_path / "runs"), "--out", str(out)],
                           capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
     r = json.loads(out.read_text())
-    assert r["dry_run"] and set(r["results"]) == {"llamarec", "zero_shot", "ulmrec_paper_index", "ulmrec_pid"}
+    assert r["dry_run"] and not r["stopped_at_deadline"] and set(r["results"]) == {"llamarec", "zero_shot", "ulmrec_pid"}
     for name, v in r["results"].items():
-        assert set(v["metrics"]["test"]) >= {"ranker", "fused", "retriever"} and v["metrics"]["protocol"]["name"] == "paper"
-    assert r["results"]["ulmrec_pid"]["train_samples"] > r["results"]["llamarec"]["train_samples"]
-    assert r["results"]["ulmrec_pid"]["next_item_samples"] == r["results"]["llamarec"]["next_item_samples"]
+        assert v["finished"][-1] == "evaluate" and v["metrics"]["protocol"]["name"] == "paper"
+        assert set(v["metrics"]["test"]) >= {"ranker", "fused", "retriever"} and v["wall_s"]["evaluate"] >= 0
+        assert (tmp_path / "runs" / f"{name}.log").exists()
+    llamarec, pid = r["results"]["llamarec"], r["results"]["ulmrec_pid"]
+    assert llamarec["rows"]["next_item_samples"] == 2 * pid["rows"]["next_item_samples"] == r["steps"] * r["batch"]
+    assert pid["rows"]["train_samples"] > pid["rows"]["next_item_samples"] and llamarec["train"]["steps"] > 0
+    assert r["options"]["llamarec"]["train"]["next_item_loss"] == "lm"
+    table = r["table"]
+    assert {"LRURec (retriever order)", "zero_shot", "llamarec + LRURec fused", "ulmrec_pid uid-only"} <= set(table)
+    assert table["llamarec"]["vs_llamarec"]["diff"] == 0 and len(table["ulmrec_pid"]["vs_lrurec"]["ci95"]) == 2
     assert "| llamarec + LRURec fused" in out.with_suffix(".md").read_text()
 
 
@@ -66,9 +73,31 @@ def test_beauty_quality_paired_interval_and_table():
                "prompt": {"history_len": 5, "title_max_tokens": 16}, "wall_s_total": 600, "tie_rule": "stable by shown order",
                "user_text": {"preferences": "training interactions only", "index": "training interactions only"},
                "paper_metrics": {"rank_subset": {"test_NDCG@10": 0.4445}, "overall": {"test_NDCG@10": 0.0585}},
-               "results": {"paper": {"LRURec order": row(None, None), "ulmrec_pid + LRURec fused": row(0.35, 0.4161)}}}
+               "results": {"paper": {"LRURec order": row(None, None), "ulmrec_pid + LRURec fused": row(0.35, 0.4161)}},
+               "selection": {"ulmrec_pid": {"steps": [{"step": "loss", "chosen": "b", "candidates": {
+                   "a": {"ndcg@10": 0.3, "diff_vs_incumbent": 0.0, "paired_se": 0.0}, "b": {"ndcg@10": 0.35, "diff_vs_incumbent": 0.05, "paired_se": 0.01}}}]}},
+               "chosen": {"paper": {"ULMRec": {**row(None, None), "vs_llamarec_equal_rows": None}}}, "pending": ["chosen/paper/llamarec_x4"]}
     table = bq.markdown(summary)
     assert "400 next-item + 120 alignment rows" in table and "total wall time 10 min" in table
     assert "| ulmrec_pid + LRURec fused (w=0.35) | 0.4000 | 0.4100 | 0.4161 | 3 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table
     assert "| LRURec order | 0.4000 | — | — | 3 |" in table and "ties: stable by shown order" in table
     assert "rank N@10 0.4445, overall N@10 0.0585" in table
+    assert "| ulmrec_pid | loss | b | 0.3500 | +0.0500 (0.0100) | **yes** |" in table and "| ulmrec_pid | loss | a | 0.3000 |" in table
+    assert "| ULMRec | 0.4000 | 3 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table and table.rstrip().endswith("| — |")
+    assert "Not finished yet: chosen/paper/llamarec_x4." in table
+
+
+def test_beauty_quality_options_change_only_past_one_paired_standard_error():
+    import numpy as np
+
+    bq = load_script("beauty_quality")
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    noise = base + rng.normal(0, 0.1, 400)
+    noise -= noise.mean() - base.mean() - 0.002  # +0.002 on average: inside one paired standard error (about 0.005) of this noise
+    clear = base + 0.05 + rng.normal(0, 0.01, 400)
+    chosen, record = bq.challenge("paper", {"paper": base, "noisy": noise})
+    assert chosen == "paper" and abs(record["noisy"]["diff_vs_incumbent"]) <= record["noisy"]["paired_se"]
+    chosen, record = bq.challenge("paper", {"paper": base, "noisy": noise, "clear": clear, "worse": base - 0.05})
+    assert chosen == "clear" and record["clear"]["diff_vs_incumbent"] == round(0.05 + float((clear - base - 0.05).mean()), 4)
+    assert record["paper"] == {"ndcg@10": round(float(base.mean()), 4), "diff_vs_incumbent": 0.0, "paired_se": 0.0}

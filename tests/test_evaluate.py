@@ -83,7 +83,7 @@ def test_integer_fusion_weights_are_accepted():
 def test_evaluate_writes_validation_test_and_every_row(tiny_pipeline):
     summary = read_json(tiny_pipeline / "eval" / "metrics.json")
     assert summary["protocol"]["name"] == "paper" and summary["protocol"]["eval_order"] == "retriever"
-    assert set(summary["test"]) == {"ranker", "fused", "retriever", "ranker_uid_only"}
+    assert set(summary["test"]) == {"ranker", "fused", "retriever", "ranker_uid_only", "ranker_uid_only_swapped_index", "random_order"}
     assert set(summary["validation"]) >= {"ranker", "fused", "retriever", "untrained_rank_ndcg@10"}
     users = summary["users"]["test"]
     for m in summary["test"].values():

@@ -81,6 +81,16 @@ def test_a_retired_setting_at_its_old_value_still_matches(tmp_path):
         other.begin("tasks", settings, overwrite=False)
 
 
+def test_an_added_setting_at_its_neutral_value_matches_an_older_record(tmp_path):
+    """v0.4 evaluate records have no `eval_permutations`; at 1 (what v0.4 did) they still skip, at 2 they are refused."""
+    run = RunDir(tmp_path)
+    run.begin("evaluate", {"batch": 8}, overwrite=False)
+    run.finish("evaluate")
+    assert run.begin("evaluate", {"batch": 8, "eval_permutations": 1}, overwrite=False) is False
+    with pytest.raises(UlmrecError, match=r"other settings:\n  settings.eval_permutations: \"<unset>\" -> 2\nuse --overwrite"):
+        run.begin("evaluate", {"batch": 8, "eval_permutations": 2}, overwrite=False)
+
+
 def test_inputs_are_recorded_and_a_changed_input_is_reported(tmp_path):
     run = RunDir(tmp_path)
     with pytest.raises(UlmrecError, match="run `ulmrec prepare` first"):

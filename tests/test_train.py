@@ -299,7 +299,7 @@ def test_lora_last_layers_limits_the_adapter(tiny_llm):
 
     tokenizer = load_tokenizer(tiny_llm)
     args = RankerModelConfig(model_name_or_path=tiny_llm, lora_target_modules=["q_proj", "v_proj"], dtype="float32", load_in_4bit=False)
-    model, peft_config = build_model(args, RankerArguments(lora_last_layers=1), tokenizer, [])
+    model, peft_config, _ = build_model(args, RankerArguments(lora_last_layers=1), tokenizer, [])
     names = [n for n, p in get_peft_model(model, peft_config).named_parameters() if p.requires_grad]
     assert names and all(".layers.1." in n for n in names)  # the tiny model has 2 layers
     with pytest.raises(UlmrecError, match="lora_last_layers"):

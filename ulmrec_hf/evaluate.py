@@ -36,6 +36,7 @@ class EvaluateArguments:
     merge_adapter: bool = field(default=False, metadata={"help": "Merge the adapter into a bf16 base (faster on GPUs); records agreement with the as-trained model on validation."})
     ranker: str | None = field(default=None, metadata={"help": "Score this ranker folder (e.g. one trained in another run on the same training rows) instead of this run's; recorded in metrics.json."})
     fusion_weights: list[float] = field(default_factory=lambda: list(FUSION_WEIGHTS), metadata={"help": "Grid of w for the fused row (must include 0)."})
+    eval_permutations: int = field(default=1, metadata={"help": "Score each user under this many seeded candidate orders (the first the protocol's own) and rank by each candidate's mean letter log-probability over them (k times the scoring)."})
 
 
 ARGUMENTS = (StageArguments, EvaluateArguments)
@@ -82,16 +83,25 @@ def load_model(run: RunDir, args: EvaluateArguments, merge: bool = False):
     return load_ranker(ranker_folder(run, args), merge=merge)
 
 
-def score(model, tokenizer, config, data, args: EvaluateArguments, name: str) -> np.ndarray:
-    from .ranker import score_prompts
+def score(model, tokenizer, config, data, args: EvaluateArguments, name: str, key: str, first: np.ndarray | None = None) -> np.ndarray:
+    """Letter scores of `data`'s prompts over `eval_permutations` candidate orders (`ranker.permutation_average`, order j
+    of a user seeded by `key` and the user id); `first`: the scores of the prompts as shown, when already known."""
+    from .ranker import permutation_average, score_prompts
 
-    return score_prompts(model, tokenizer, data["prompt"], config["letter_token_ids"], args.batch_size, progress=f"scoring {name}",
-                         max_batch_tokens=args.max_batch_tokens)
+    k = args.eval_permutations
+
+    def letters(prompts: list[str], j: int = 0) -> np.ndarray:
+        label = f"scoring {name}" + (f" (order {j + 1} of {k})" if k > 1 else "")
+        return score_prompts(model, tokenizer, prompts, config["letter_token_ids"], args.batch_size, progress=label, max_batch_tokens=args.max_batch_tokens)
+
+    prompts = list(data["prompt"])
+    first = letters(prompts) if first is None else first
+    return permutation_average(first, prompts, [f"{key}-{u}" for u in data["user_id"]], k, letters)
 
 
-def validation_scores(run: RunDir, args: EvaluateArguments, model, tokenizer, config, validation) -> tuple[np.ndarray, str]:
-    """The ranker's validation scores: those training computed with the kept model when this is that model, as trained,
-    on the same prompts (the same numbers; one pass saved), else scored here."""
+def validation_first(run: RunDir, args: EvaluateArguments, validation) -> tuple[np.ndarray | None, str]:
+    """The ranker's validation scores in the shown order that training computed with the kept model, when this is that
+    model, as trained, on the same prompts (the same numbers; one pass saved); else None (scored here)."""
     from .prompts import prompts_digest
 
     saved = None if args.zero_shot or args.merge_adapter else RankerFolder(ranker_folder(run, args)).validation_scores
@@ -100,19 +110,21 @@ def validation_scores(run: RunDir, args: EvaluateArguments, model, tokenizer, co
         if record["prompts_sha256"] == prompts_digest(validation["prompt"]):
             logger.info("evaluate: validation scores of the kept model read from %s (same model, same prompts)", saved)
             return np.array(record["scores"], dtype=np.float32), f"from training ({saved})"
-    return score(model, tokenizer, config, validation, args, "validation"), "scored here"
+    return None, "scored here"
 
 
 def merge_check(run: RunDir, args: EvaluateArguments, validation) -> dict:
     """Validation scores of the as-trained model, to compare with the merged one."""
     model, tokenizer, config = load_model(run, args)
-    scores = score(model, tokenizer, config, validation, args, "validation (as trained)")
+    scores = score(model, tokenizer, config, validation, args, "validation (as trained)", split_key(run, "validation"))
     del model
     return {"as_trained": scores, "loaded_as": config["loaded_as"]}
 
 
 def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     run = RunDir(stage.run_dir)
+    if args.eval_permutations < 1:
+        raise UlmrecError(f"evaluate: --eval_permutations must be at least 1 (1: the protocol's order alone), got {args.eval_permutations}")
     if args.zero_shot and (args.merge_adapter or args.ranker):
         raise UlmrecError("evaluate: --zero_shot scores the base model; it has no adapter to merge or load")
     inputs = ("tasks",) if args.zero_shot or args.ranker else ("tasks", "train")
@@ -126,25 +138,81 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     summary = {"ranker": config["ranker"] if args.zero_shot else str(ranker_folder(run, args)), "loaded_as": config["loaded_as"],
                "protocol": run.mixture()["protocol"], "tie_rule": TIE_RULE, "user_text": run.user_text_provenance(),
                "users": {split: meta[split] for split in ("validation", "test")}}
-    val_scores, summary["validation_scores"] = validation_scores(run, args, model, tokenizer, config, validation)
+    first, summary["validation_scores"] = validation_first(run, args, validation)
+    clock = Clock()
+    val_scores = clock.time("validation", score, model, tokenizer, config, validation, args, "validation", split_key(run, "validation"), first)
     if checked:
         summary["merge_agreement"] = {"compared_with": checked["loaded_as"], **agreement(checked["as_trained"], val_scores)}
     w, summary["fusion"] = fusion_weight(args, validation, val_scores)
     summary["validation"] = split_metrics(validation, val_scores, w, meta["validation"]["users"])
-    test_scores = score(model, tokenizer, config, test, args, "test")
+    test_scores = clock.time("test", score, model, tokenizer, config, test, args, "test", split_key(run, "test"))
     summary["test"] = split_metrics(test, test_scores, w, meta["test"]["users"])
     per_user = {"validation": per_user_table(validation, val_scores, w), "test": per_user_table(test, test_scores, w)}
-    uid_only = run.eval_set("test", uid_only=True)
-    if args.uid_only and uid_only is not None:
-        uid_scores = score(model, tokenizer, config, uid_only, args, "test uid-only")
-        summary["test"]["ranker_uid_only"] = score_metrics(uid_scores, np.array(uid_only["target_position"]), meta["test"]["users"])
-        per_user["test"] = per_user["test"].add_column("rank_uid_only", ranks(uid_scores, np.array(uid_only["target_position"])))
+    if args.uid_only:
+        uid_only_rows(run, (model, tokenizer, config), args, summary, per_user, clock)
+    summary["scoring"] = {"eval_permutations": args.eval_permutations, "cost": f"{args.eval_permutations}x the scoring of one candidate order",
+                          "seconds": clock.seconds}
     untrained = None if args.zero_shot else untrained_validation(ranker_folder(run, args))
     if untrained is not None:
         summary["validation"]["untrained_rank_ndcg@10"] = untrained
     save(run, summary, per_user)
     run.finish("evaluate")
     return run.path("evaluate")
+
+
+class Clock:
+    """Seconds each scoring took, by name (the cost `eval_permutations` multiplies)."""
+
+    def __init__(self):
+        self.seconds = {}
+
+    def time(self, name: str, fn, *args):
+        import time
+
+        start = time.time()
+        out = fn(*args)
+        self.seconds[name] = round(time.time() - start, 1)
+        return out
+
+
+def split_key(run: RunDir, split: str) -> str:
+    """What seeds a split's extra candidate orders (with each user id): the evaluation seed and the split."""
+    return f"{run.eval_meta()['eval_seed']}-{split}"
+
+
+def uid_only_rows(run: RunDir, loaded: tuple, args: EvaluateArguments, summary: dict, per_user: dict, clock: Clock) -> None:
+    """Table 4's uid-only row (the index and the candidates, no history), the same prompts with every user's index
+    replaced by another user's, and a seeded random order of the candidates: if the index carries nothing about its
+    user, the first two rows tie; if the model reads nothing from the candidates either, all three do."""
+    data = run.eval_set("test", uid_only=True)
+    if data is None:
+        return
+    gold, users = np.array(data["target_position"]), run.eval_meta()["test"]["users"]
+    for name, rows in (("ranker_uid_only", data), ("ranker_uid_only_swapped_index", swapped_index(run, data))):
+        if rows is None:
+            continue
+        scores = clock.time(f"test {name.removeprefix('ranker_')}", score, *loaded, rows, args, f"test {name}", split_key(run, "test"))
+        summary["test"][name] = score_metrics(scores, gold, users)
+        per_user["test"] = per_user["test"].add_column(name.replace("ranker", "rank"), ranks(scores, gold))
+    random = np.random.default_rng(run.eval_meta()["eval_seed"]).random((len(data), len(data[0]["candidates"]))).astype(np.float32)
+    summary["test"]["random_order"] = score_metrics(random, gold, users)
+    per_user["test"] = per_user["test"].add_column("rank_random_order", ranks(random, gold))
+
+
+def swapped_index(run: RunDir, data):
+    """The uid-only prompts with each user's index replaced by another user's (a seeded derangement: each user takes
+    the index of the next user in a seeded cycle); None with fewer than two users."""
+    from .prompts import permutation, with_user_field
+
+    if len(data) < 2:
+        return None
+    table, index = run.prepared()["users"], run.index()
+    name = dict(zip(table["user_id"], table["user"]))
+    own = [index[name[u]] for u in data["user_id"]]
+    cycle = permutation(len(own), f"{run.eval_meta()['eval_seed']}-swapped-index")
+    donor = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}
+    prompts = [with_user_field(p, own[i], own[donor[i]]) for i, p in enumerate(data["prompt"])]
+    return data.remove_columns("prompt").add_column("prompt", prompts)
 
 
 def fusion_weight(args: EvaluateArguments, validation, val_scores: np.ndarray) -> tuple[float, dict]:
@@ -205,7 +273,7 @@ def markdown_table(summary: dict) -> str:
     lines = [f"test users: {users['users']} of {users['all_users']} (ground truth in the candidates: {users['in_candidates']}); "
              f"protocol: {summary['protocol']['name']} (evaluation order: {summary['protocol']['eval_order']}); ranker: {summary['ranker']} "
              f"({summary['loaded_as']})", f"ties: {summary['tie_rule']}; 'tied gold' counts the users whose ground truth's score "
-             "equals another candidate's", "", head, "|---" * (2 + 2 * len(cols)) + "|"]
+             "equals another candidate's", scoring_line(summary), "", head, "|---" * (2 + 2 * len(cols)) + "|"]
     for name, m in test.items():
         label = f"fused (w={w:g})" if name == "fused" else name
         lines.append(f"| {label} | " + " | ".join(f"{m['rank'][c]:.4f}" for c in cols) + " | " + " | ".join(f"{m['overall'][c]:.4f}" for c in cols)
@@ -222,3 +290,10 @@ def markdown_table(summary: dict) -> str:
         a = summary["merge_agreement"]
         lines.append(f"merged bf16 vs {a['compared_with']} on validation: top-1 identical {a['top1_identical']:.3f}, top-10 identical {a['top10_identical']:.3f}")
     return "\n".join(lines) + "\n"
+
+
+def scoring_line(summary: dict) -> str:
+    scoring = summary.get("scoring", {"eval_permutations": 1, "seconds": {}})
+    k, seconds = scoring["eval_permutations"], ", ".join(f"{name} {s:g} s" for name, s in scoring["seconds"].items())
+    orders = "the protocol's order alone" if k == 1 else f"mean letter log-probability over {k} candidate orders, the first the protocol's ({k}x the scoring)"
+    return f"scores: {orders}; scoring time: {seconds or 'n/a'}"

@@ -50,7 +50,7 @@ EXPORT_FILE = "ulmrec_export.json"  # what a server needs besides an exported mo
 NAMES = {STARTED, COMPLETE, CARD, EXPORT_FILE, "stats.json", "model", "checkpoint", "runs", "metrics.json", "candidates", "preferences.jsonl",
          "summary.json", "failures.json", "index", "index.tmp", "tokens.json", "attention", "attention.json", "rqvae", "train",
          "mixture.json", "eval_meta.json", "_scratch", "ranker_config.json", "train_metrics.json", "untrained_metrics.json",
-         "validation_scores.json", "adapter_model.safetensors", "checkpoints", "table.md", "per_user", "responses.jsonl", "embeddings",
+         "validation_scores.json", "adapter_model.safetensors", "index_token_init.safetensors", "checkpoints", "table.md", "per_user", "responses.jsonl", "embeddings",
          "cache", "export", "push", "dataset"}
 
 
@@ -83,14 +83,19 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return lines
 
 
-# Settings a later version removed, at the only value older versions allowed: a record holding them still matches, so a
-# run made before the removal resumes instead of recomputing (its fingerprint, already recorded downstream, is kept).
-RETIRED = {"tasks": {("tasks", "use_next_item"): True}}
+# Settings that one version added or removed, at the value that means what versions without them did: a record with or
+# without such a key matches, so a run made before the change resumes instead of recomputing (the fingerprint it
+# recorded, which later stages hold, is kept).
+NEUTRAL = {
+    "tasks": {("tasks", "use_next_item"): True, ("tasks", "candidate_permutations"): 1},
+    "train": {("ranker", "next_item_loss"): "lm", ("ranker", "loss_normalization"): "token", ("ranker", "index_token_init"): "mean"},
+    "evaluate": {("eval_permutations",): 1},
+}
 
 
-def without_retired(stage: str, settings: dict) -> dict:
+def without_neutral(stage: str, settings: dict) -> dict:
     settings = json.loads(json.dumps(settings))
-    for (*parents, key), value in RETIRED.get(stage, {}).items():
+    for (*parents, key), value in NEUTRAL.get(stage, {}).items():
         group = settings
         for name in parents:
             group = group.get(name, {}) if isinstance(group, dict) else {}
@@ -151,14 +156,15 @@ class RunDir:
         """"finished" or "unfinished" when the stage's folder holds output made with `record`, None when it holds none;
         output made with other settings is an error listing the differences."""
         folder = self.path(stage)
+        new = {**record, "settings": without_neutral(stage, record["settings"])}
         for marker, state in ((COMPLETE, "finished"), (STARTED, "unfinished")):
             if (folder / marker).exists():
                 old = read_json(folder / marker)
-                old = {"settings": without_retired(stage, old.get("settings", {})), "inputs": old.get("inputs", {})}
-                if old == record:
+                old = {"settings": without_neutral(stage, old.get("settings", {})), "inputs": old.get("inputs", {})}
+                if old == new:
                     return state
                 raise UlmrecError(f"{stage}: {folder} holds {state} output made with other settings:\n"
-                                  + "\n".join(differences(old, record))
+                                  + "\n".join(differences(old, new))
                                   + "\nuse --overwrite to delete it and compute it again, or run with the old settings")
         return None
 
@@ -443,7 +449,7 @@ class RankerFolder:
     """The files of a trained ranker: `ranker/` of a run, a folder given to `evaluate --ranker`, or a Hub snapshot."""
 
     UPLOADED = ("adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", CARD, "ranker_config.json", "train_metrics.json")  # what `push` puts in a model repo
+                "chat_template.jinja", CARD, "ranker_config.json", "train_metrics.json", "index_token_init.safetensors")  # what `push` puts in a model repo
 
     def __init__(self, folder):
         self.root = Path(folder)
@@ -468,6 +474,11 @@ class RankerFolder:
     @property
     def adapter(self) -> Path:
         return self.root / "adapter_model.safetensors"
+
+    @property
+    def index_token_init(self) -> Path:
+        """The index tokens' first rows when they came from text (`index_token_init: text`); loading puts them back."""
+        return self.root / "index_token_init.safetensors"
 
     @property
     def card(self) -> Path:

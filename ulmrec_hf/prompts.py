@@ -8,6 +8,7 @@ tokens, resize the embeddings and read the letter logits, so that training, scor
 import hashlib
 import json
 import random
+import re
 import string
 
 from .common import UlmrecError
@@ -95,6 +96,13 @@ def next_item_row(builder: PromptBuilder, user_field: str | None, history: list[
             "target_position": pos, **extra}
 
 
+def permutation(n: int, key: str) -> list[int]:
+    """A seeded order of n positions (the same for the same key)."""
+    order = list(range(n))
+    random.Random(key).shuffle(order)
+    return order
+
+
 def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str | None, eval_seed: int, split: str, with_history: bool = True) -> dict:
     """The next-item prompt of one validation/test candidate row (serving builds the same one)."""
     cands = list(r["candidates"])
@@ -103,6 +111,31 @@ def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str |
     score = dict(zip(r["candidates"], r["scores"]))
     return next_item_row(builder, user_field, r["history"] if with_history else [], cands, r["target"], user_id=r["user_id"],
                          retriever_scores=[score[c] for c in cands], retriever_rank=r["target_rank"])
+
+
+RESPONSE = "\n### Response:\n"
+
+
+def permuted_prompt(prompt: str, order: list[int]) -> str:
+    """The same prompt with its candidate lines shown in `order` (position i shows the line that was at order[i]),
+    relettered A, B, ...; the rest of the prompt is unchanged."""
+    head, found, block = prompt.rpartition("Candidates:\n")
+    lines, start = [], 0
+    for i in range(1, len(order) + 1):
+        end = block.find(f"\n({LETTERS[i]}) ", start) if i < len(order) else block.rfind(RESPONSE)
+        lines.append(block[start:end].removeprefix(f"({LETTERS[i - 1]}) "))
+        start = end + 1
+    if not found or "".join(f"({LETTERS[i]}) {t}\n" for i, t in enumerate(lines)) + RESPONSE[1:] != block:
+        raise UlmrecError(f"a prompt's candidate block does not hold {len(order)} lettered lines followed by the response header:\n{prompt}")
+    return head + found + "\n".join(f"({LETTERS[i]}) {lines[o]}" for i, o in enumerate(order)) + RESPONSE
+
+
+def with_user_field(prompt: str, own: str, other: str) -> str:
+    """The same prompt with the user field `own` replaced by `other`."""
+    line = f"### Input:\nUser: {own}\n"
+    if prompt.count(line) != 1:
+        raise UlmrecError(f"the prompt has no user field {own!r}:\n{prompt}")
+    return prompt.replace(line, f"### Input:\nUser: {other}\n")
 
 
 def letter_ids(tokenizer, prompt: str, n: int) -> list[int]:
@@ -152,6 +185,40 @@ def resize_embeddings(model, size: int) -> None:
             base = w[:old].float()
             noise = torch.randn(size - old, w.shape[1], generator=torch.Generator().manual_seed(size))
             w[old:] = (base.mean(0) + 0.01 * base.std(0) * noise).to(w.device, w.dtype)
+
+
+def token_texts(index: dict[str, str], texts: dict[str, str], tokens: list[str]) -> dict[str, list[str]]:
+    """Each index token's texts: those of the users whose index holds it, users in sorted order (a fixed order)."""
+    out = {t: [] for t in tokens}
+    for user in sorted(index):
+        if texts.get(user):
+            for token in re.findall(r"<[^<>]+>", index[user]):
+                if token in out:
+                    out[token].append(texts[user])
+    return out
+
+
+def text_rows(model, tokenizer, by_token: dict[str, list[str]]) -> dict:
+    """float32 rows for the tokens that have texts: the mean over their texts of each text's mean input-embedding row
+    (the base's rows of the text's own tokens), computed on the CPU in a fixed order so that it is the same every time."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    unique = sorted({t for texts in by_token.values() for t in texts})
+    ids = tokenizer(unique, add_special_tokens=False).input_ids if unique else []
+    with torch.no_grad():
+        vectors = {text: weight[torch.tensor(i, device=weight.device)].float().cpu().mean(0) for text, i in zip(unique, ids) if i}
+    return {token: torch.stack([vectors[t] for t in texts if t in vectors]).mean(0) for token, texts in by_token.items()
+            if any(t in vectors for t in texts)}
+
+
+def set_rows(model, token_ids: list[int], rows) -> None:
+    """Put `rows` in the input embedding at `token_ids` (a tied LM head shares them; an untied one keeps its rows)."""
+    import torch
+
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[torch.tensor(token_ids, device=weight.device)] = rows.to(weight.device, weight.dtype)
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

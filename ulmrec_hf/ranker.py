@@ -127,6 +127,32 @@ def score_prompts(model, tokenizer, prompts: list[str], letter_ids: list[int], b
     return out
 
 
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float64 (a candidate's letter log-probability among the letters)."""
+    x = np.asarray(x, dtype=np.float64)
+    shifted = x - x.max(axis=1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+def permutation_average(first: np.ndarray, prompts: list[str], keys: list[str], k: int, score) -> np.ndarray:
+    """Scores over k candidate orders (permutation self-consistency): `first` holds the letter logits of the prompts as
+    shown; order j >= 1 of row r is `permutation(n, f"{keys[r]}-perm{j}")`, scored by `score(prompts, j)`. Each
+    candidate's score is the mean of its letter log-probabilities (log-softmax over the letters) over the k orders,
+    float32. k = 1 returns `first` unchanged."""
+    from .prompts import permuted_prompt, permutation
+
+    if k == 1:
+        return first
+    n = first.shape[1]
+    total = log_softmax(first)
+    for j in range(1, k):
+        orders = [permutation(n, f"{key}-perm{j}") for key in keys]
+        shown = log_softmax(score([permuted_prompt(p, o) for p, o in zip(prompts, orders)], j))
+        for row, order in enumerate(orders):
+            total[row, order] += shown[row]  # position i showed candidate order[i]
+    return (total / k).astype(np.float32)
+
+
 def naive_scores(model, tokenizer, prompts: list[str], letter_ids: list[int]) -> np.ndarray:
     """LlamaRec's scoring: one user at a time, full-vocabulary logits at every position, last row."""
     import torch
@@ -228,11 +254,23 @@ def load_ranker(ranker_dir: Path, device: str | None = None, merge: bool = False
     quantization, dtype = ("none", merge_dtype) if merge else (config.get("quantization", "none"), config.get("dtype", "float32"))
     base = load_base(config["base_model"], quantization, dtype, device, len(tokenizer), config.get("double_quantization", True),
                      None if merge else config.get("quant_storage"), config.get("model_revision"), scoring_attention(config, device))
+    text_init(base, files)
     model = PeftModel.from_pretrained(base, ranker_dir)
     if merge:
         model = model.merge_and_unload()
     config = {**config, "loaded_as": f"merged-{dtype}" if merge else f"as trained ({quantization}, {dtype})"}
     return model.eval(), tokenizer, config
+
+
+def text_init(base, files: RankerFolder) -> None:
+    """The index tokens' first rows when training took them from text (`index_token_init: text`), as it saved them."""
+    if files.index_token_init.exists():
+        from safetensors.torch import load_file
+
+        from .prompts import set_rows
+
+        saved = load_file(str(files.index_token_init))
+        set_rows(base, saved["token_ids"].tolist(), saved["rows"])
 
 
 def scoring_attention(config: dict, device) -> str | None:

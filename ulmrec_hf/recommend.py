@@ -24,6 +24,7 @@ class RecommendArguments:
     top_k: int = field(default=10, metadata={"help": "Recommendations printed per user."})
     fusion_weight: float | None = field(default=None, metadata={"help": "Rank by z(retriever) + w * z(letter log-prob) with this w (default: the w `evaluate` chose on validation, else the ranker alone)."})
     ranker_only: bool = field(default=False, metadata={"help": "Rank by the ranker's letter scores alone."})
+    eval_permutations: int | None = field(default=None, metadata={"help": "Candidate orders per user whose letter log-probabilities are averaged (default: what `evaluate` used, else 1)."})
 
 
 ARGUMENTS = (RunArguments, RecommendArguments)
@@ -32,7 +33,7 @@ ARGUMENTS = (RunArguments, RecommendArguments)
 class Recommender:
     """Loads a finished run once and scores any of its users."""
 
-    def __init__(self, run_dir: str, fusion_weight: float | None = None, ranker_only: bool = False):
+    def __init__(self, run_dir: str, fusion_weight: float | None = None, ranker_only: bool = False, eval_permutations: int | None = None):
         from .llm import load_tokenizer
         from .prompts import build_builder
         from .ranker import load_ranker
@@ -48,9 +49,13 @@ class Recommender:
         self.index = self.run.index()
         self.candidates = {s: self.run.candidates(s) for s in ("validation", "test")}
         self.positions = {s: {uid: i for i, uid in enumerate(c["user_id"])} for s, c in self.candidates.items()}
-        if fusion_weight is None and self.run.is_complete("evaluate"):
-            fusion_weight = self.run.eval_metrics()["fusion"]["weight"]
+        evaluated = self.run.eval_metrics() if self.run.is_complete("evaluate") else None
+        if fusion_weight is None and evaluated:
+            fusion_weight = evaluated["fusion"]["weight"]
         self.fusion_weight = None if ranker_only else fusion_weight
+        if eval_permutations is None:
+            eval_permutations = evaluated.get("scoring", {}).get("eval_permutations", 1) if evaluated else 1
+        self.eval_permutations = eval_permutations
 
     def user_id(self, user: str) -> int:
         if user in self.by_name:
@@ -63,7 +68,7 @@ class Recommender:
         """Per user, (item id, title, score) best first; the score is fused when a fusion weight is set."""
         from .metrics import fuse, ranking_order
         from .prompts import eval_row
-        from .ranker import score_prompts
+        from .ranker import permutation_average, score_prompts
 
         table = self.candidates[split]
         rows = []
@@ -71,7 +76,10 @@ class Recommender:
             uid = self.user_id(user)
             rows.append(eval_row(self.builder, self.eval_order, table[self.positions[split][uid]], self.index.get(self.names[uid]),
                                  self.eval_seed, split))
-        scores = score_prompts(self.model, self.tokenizer, [r["prompt"] for r in rows], self.config["letter_token_ids"])
+        prompts, letters = [r["prompt"] for r in rows], self.config["letter_token_ids"]
+        keys = [f"{self.eval_seed}-{split}-{r['user_id']}" for r in rows]  # evaluate's seeds of the extra orders
+        scores = permutation_average(score_prompts(self.model, self.tokenizer, prompts, letters), prompts, keys, self.eval_permutations,
+                                     lambda shown, j: score_prompts(self.model, self.tokenizer, shown, letters))
         if self.fusion_weight is not None:
             scores = fuse(np.array([r["retriever_scores"] for r in rows]), scores, self.fusion_weight)
         out = []
@@ -80,15 +88,16 @@ class Recommender:
         return out
 
 
-def recommend_users(run_dir: str, users: list[str], split: str = "test", fusion_weight: float | None = None, ranker_only: bool = False):
+def recommend_users(run_dir: str, users: list[str], split: str = "test", fusion_weight: float | None = None, ranker_only: bool = False,
+                    eval_permutations: int | None = None):
     """Ranked (item_id, title, score) lists for a batch of users (programmatic use)."""
-    return Recommender(run_dir, fusion_weight, ranker_only).rank(users, split)
+    return Recommender(run_dir, fusion_weight, ranker_only, eval_permutations).rank(users, split)
 
 
 def main(run: RunArguments, args: RecommendArguments):
     if not args.user:
         raise UlmrecError("recommend: give --user USER_ID (one or more)")
-    recommender = Recommender(run.run_dir, args.fusion_weight, args.ranker_only)
+    recommender = Recommender(run.run_dir, args.fusion_weight, args.ranker_only, args.eval_permutations)
     results = recommender.rank(args.user, args.split)
     how = f"fused with the retriever, w={recommender.fusion_weight:g}" if recommender.fusion_weight is not None else "ranker alone"
     for user, ranked in zip(args.user, results):

@@ -295,13 +295,15 @@ def run_ablation(recipe_path: str, names: list[str], argv: list[str]) -> Path:
 
 
 def ablation_table(results: dict) -> str:
-    lines = ["| variant | rank N@10 | rank R@10 | overall N@10 | overall R@10 | uid-only rank N@10 |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | rank N@10 | rank R@10 | overall N@10 | overall R@10 | uid-only rank N@10 | uid-only, swapped index | random order |",
+             "|---|---|---|---|---|---|---|---|"]
     nan = {"rank": {"ndcg@10": float("nan")}}
     for name, r in results.items():
-        m, u = r["test"]["ranker"], r["test"].get("ranker_uid_only", nan)
+        m = r["test"]["ranker"]
+        uid = " | ".join(f"{r['test'].get(row, nan)['rank']['ndcg@10']:.4f}" for row in ("ranker_uid_only", "ranker_uid_only_swapped_index", "random_order"))
         label = f"{name} (= {ALIASES[name]}, trained once)" if name in ALIASES else name
         lines.append(f"| {label} | {m['rank']['ndcg@10']:.4f} | {m['rank']['recall@10']:.4f} | {m['overall']['ndcg@10']:.4f} | "
-                     f"{m['overall']['recall@10']:.4f} | {u['rank']['ndcg@10']:.4f} |")
+                     f"{m['overall']['recall@10']:.4f} | {uid} |")
     order = {r["protocol"]["eval_order"] for r in results.values()}
     return "\n".join(lines) + f"\n\nEvaluation candidate order: {', '.join(sorted(order))}.\n"
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from .common import StageArguments, UlmrecError, settings_of, write_json
 from .layout import RunDir, eval_set_name
-from .prompts import INSTRUCTIONS, PromptBuilder, build_builder, eval_row, letter_ids, next_item_row, tokenizer_fingerprint
+from .prompts import INSTRUCTIONS, PromptBuilder, build_builder, eval_row, letter_ids, next_item_row, permutation, tokenizer_fingerprint
 from .split import training_part
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class TaskArguments:
     max_eval_users: int | None = field(default=None, metadata={"help": "Test users: a seeded sample of this many of all users, so overall metrics stay per user."})
     max_validation_users: int | None = field(default=None, metadata={"help": "Validation users, sampled the same way (default: max_eval_users)."})
     eval_seed: int | None = field(default=None, metadata={"help": "Seed of the evaluation samples and their shuffle (default: seed); fix it to compare training seeds on the same users."})
+    candidate_permutations: int = field(default=1, metadata={"help": "Write each next-item training row under this many seeded candidate orders (the first its own); alignment rows stay counted from the distinct next-item rows."})
     instruction_next_item: str = field(default=INSTRUCTIONS["next_item"], metadata={"help": "Template text."})
     instruction_index_to_preference: str = field(default=INSTRUCTIONS["index_to_preference"], metadata={"help": "Template text."})
     instruction_preference_to_index: str = field(default=INSTRUCTIONS["preference_to_index"], metadata={"help": "Template text."})
@@ -163,7 +164,10 @@ class TaskBuilder:
         for u, t in tqdm(targets, desc="next-item rows", leave=False, mininterval=2):
             user = self.users[u]
             cands = self.candidates(user, t, "next")
-            yield next_item_row(self.builder, self.index.get(user["user"]), user["items"][:t], cands, user["items"][t], user_id=user["user_id"])
+            for j in range(self.args.candidate_permutations):
+                order = permutation(len(cands), f"{self.args.seed}-perm{j}-{user['user_id']}-{t}") if j else range(len(cands))
+                yield next_item_row(self.builder, self.index.get(user["user"]), user["items"][:t], [cands[i] for i in order], user["items"][t],
+                                    user_id=user["user_id"])
 
     def alignment(self, task: str, users: list[dict]):
         b = self.builder
@@ -286,6 +290,8 @@ def main(stage: StageArguments, args: TaskArguments) -> Path:
 
     run = RunDir(stage.run_dir)
     protocol = resolve_protocol(args)
+    if args.candidate_permutations < 1:
+        raise UlmrecError(f"tasks: --candidate_permutations must be at least 1 (1: each row once, in its own order), got {args.candidate_permutations}")
     tokenizer = load_tokenizer(args.model_name_or_path)
     settings = {"tasks": settings_of(args), "tokenizer": tokenizer_fingerprint(tokenizer)}
     if not run.begin("tasks", settings, stage.overwrite, inputs=("prepare", "retrieve", "index", "preferences?")):
@@ -305,6 +311,7 @@ def main(stage: StageArguments, args: TaskArguments) -> Path:
     mixture = {"protocol": {"name": args.protocol, **protocol}, "model_name_or_path": args.model_name_or_path, "tokenizer": settings["tokenizer"],
                "tasks": {t: {"proportion": round(getattr(args, f"p_{t}") / total_p, 4), "rows": len(ds)} for t, ds in parts.items()},
                "skipped": skipped, "mixing": mixing, "train_samples": len(mixed), "next_item_samples": len(parts["next_item"]),
+               "candidate_permutations": args.candidate_permutations,
                "num_candidates": len(ids), "letter_token_ids": ids, "seed": args.seed}
     write_json(run.mixture_file, mixture)
     write_json(run.eval_meta_file, eval_meta)

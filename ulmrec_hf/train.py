@@ -49,6 +49,9 @@ class RankerArguments:
     eval_before_training: bool = field(default=True, metadata={"help": "Score the untrained model on validation first (the zero-shot baseline the kept adapter must beat)."})
     allow_worse_than_untrained: bool = field(default=False, metadata={"help": "Finish even when the kept adapter ranks validation worse than the untrained model (recorded in the model card); otherwise the stage stops with an error, its adapter saved."})
     lora_last_layers: int | None = field(default=None, metadata={"help": "LoRA on only the last N decoder layers: the backward stops there unless index-token rows are trained (default: all)."})
+    next_item_loss: str = field(default="lm", metadata={"help": "Loss of the rows answered by one candidate letter (next-item and intent): lm, the causal-LM loss on the letter and EOS; letters, the cross-entropy over the candidate letters' logits at the answer position.", "choices": ["lm", "letters"]})
+    loss_normalization: str = field(default="token", metadata={"help": "token: the mean over every loss term of the batch; sample: each row's mean over its own terms first, then the mean over rows (a 2-token answer weighs as much as a 25-token one).", "choices": ["token", "sample"]})
+    index_token_init: str = field(default="mean", metadata={"help": "First rows of the index tokens: mean (the base's mean embedding plus seeded noise); text (the mean base embedding of the preference texts of the users whose index holds the token; saved with the adapter).", "choices": ["mean", "text"]})
 
 
 @dataclass
@@ -192,15 +195,29 @@ def base_record(model_args: RankerModelConfig) -> dict:
             "model_revision": model_args.model_revision, "attn_implementation": model_args.attn_implementation or "sdpa"}
 
 
-def build_model(model_args: RankerModelConfig, ranker: RankerArguments, tokenizer, new_ids: list[int], device_index: int = 0):
+def build_model(model_args: RankerModelConfig, ranker: RankerArguments, tokenizer, new_ids: list[int], device_index: int = 0,
+                by_token: dict[str, list[str]] | None = None):
+    """(base, LoRA config, text rows): with `index_token_init: text`, the index-token rows that start from `by_token`'s
+    texts, as (token ids, rows) to save with the adapter (None otherwise)."""
     from trl import get_peft_config
 
+    from .prompts import set_rows, text_rows
     from .ranker import load_base
 
     base = base_record(model_args)
     device = (device_index if cuda() else "cpu") if model_args.load_in_4bit else None  # the Trainer places a full-precision base
     model = load_base(base["base_model"], base["quantization"], base["dtype"], device, len(tokenizer), base["double_quantization"],
                       base["quant_storage"], base["model_revision"], base["attn_implementation"])
+    init = None
+    if ranker.index_token_init == "text" and new_ids:
+        import torch
+
+        rows = text_rows(model, tokenizer, by_token or {})
+        ids = tokenizer.convert_tokens_to_ids(list(rows))
+        if ids:
+            init = (ids, torch.stack(list(rows.values())))
+            set_rows(model, *init)
+        logger.info("train: %d of %d index-token rows start from their users' texts; the rest from the mean", len(ids), len(new_ids))
     peft_config = get_peft_config(model_args)
     if ranker.lora_last_layers:
         n = model.config.num_hidden_layers
@@ -210,7 +227,7 @@ def build_model(model_args: RankerModelConfig, ranker: RankerArguments, tokenize
     if ranker.train_index_embeddings and new_ids:
         tied = getattr(model.config, "tie_word_embeddings", False)
         peft_config.trainable_token_indices = {"embed_tokens": new_ids} if tied else {"embed_tokens": new_ids, "lm_head": new_ids}
-    return model, peft_config
+    return model, peft_config, init
 
 
 def sequences(inputs: dict) -> list[tuple[list[int], list[int]]]:
@@ -223,6 +240,49 @@ def sequences(inputs: dict) -> list[tuple[list[int], list[int]]]:
     return [(ids[0][a:b], labels[0][a:b]) for a, b in zip(starts, starts[1:])]
 
 
+def row_ids(inputs: dict):
+    """The sample each token belongs to: its batch row when padded, else the segment whose position_ids restart at 0."""
+    import torch
+
+    ids = inputs["input_ids"]
+    if "attention_mask" in inputs:
+        return torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    return (inputs["position_ids"] == 0).long().cumsum(-1) - 1
+
+
+def completion_loss(logits, labels, rows, letter_ids: list[int], next_item_loss: str = "lm", normalization: str = "token"):
+    """Loss over the labelled positions: logits (batch, positions, vocab), labels (batch, positions) with -100 where
+    unlabelled, rows (batch, positions) the sample of each position.
+
+    - `next_item_loss` lm: each labelled token's causal-LM cross-entropy. letters: a row whose completion is one
+      candidate letter and EOS (next-item and intent rows) has one term instead, the cross-entropy over the letters'
+      logits at the answer position (the verbalizer's scores); other rows keep their LM terms.
+    - `normalization` token: the mean over every term of the batch; sample: each row's mean, then the mean over rows."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = labels != -100
+    flat, targets, owner = logits[mask].float(), labels[mask], rows[mask]
+    terms = F.cross_entropy(flat, targets, reduction="none")
+    keep = torch.ones_like(terms, dtype=torch.bool)
+    if next_item_loss == "letters":
+        letters = torch.tensor(letter_ids, device=targets.device)
+        starts = torch.ones_like(keep)
+        starts[1:] = owner[1:] != owner[:-1]
+        first = starts.nonzero().squeeze(-1)
+        length = torch.diff(first, append=first.new_tensor([len(owner)]))
+        answer = first[(length == 2) & torch.isin(targets[first], letters)]
+        gold = (targets[answer, None] == letters[None]).float().argmax(-1)
+        terms = terms.clone()
+        terms[answer] = F.cross_entropy(flat[answer][:, letters], gold, reduction="none")
+        keep[answer + 1] = False  # the EOS after the letter: the ranking reads the letter alone
+    if normalization == "token":
+        return terms[keep].mean()
+    sample = torch.unique(owner[keep], return_inverse=True)[1]
+    sums = torch.zeros(int(sample.max()) + 1, device=terms.device).index_add(0, sample, terms[keep])
+    return (sums / torch.bincount(sample).float()).mean()
+
+
 def make_trainer_class():
     import torch
     from trl import SFTTrainer
@@ -233,14 +293,15 @@ def make_trainer_class():
     class VerbalizerSFTTrainer(SFTTrainer):
         """SFT on the mixture; evaluation = verbalizer ranking of next-item validation prompts."""
 
-        def __init__(self, *args, letter_ids: list[int], **kwargs):
+        def __init__(self, *args, letter_ids: list[int], next_item_loss: str = "lm", loss_normalization: str = "token", **kwargs):
             super().__init__(*args, **kwargs)
             self.model_accepts_loss_kwargs = False  # compute_loss returns a per-batch mean
             self.letter_ids = letter_ids
             self.letter_index = {tid: i for i, tid in enumerate(letter_ids)}
+            self.next_item_loss, self.loss_normalization = next_item_loss, loss_normalization
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            """Causal-LM loss on completion tokens, with logits only at the positions that have labels.
+            """The completion loss (`completion_loss`), with logits only at the positions that have labels.
 
             TRL's fused LM head multiplies by `lm_head.weight` directly, which bypasses PEFT's trainable index-token
             rows; the model's own head module applies them."""
@@ -248,8 +309,8 @@ def make_trainer_class():
             positions = (labels != -100).any(0).nonzero().squeeze(-1)
             features = {k: v for k, v in inputs.items() if k != "labels"}
             outputs = model(**features, logits_to_keep=positions)
-            logits = outputs.logits
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), labels[:, positions].reshape(-1), ignore_index=-100)
+            rows = row_ids(inputs)[:, 1:][:, positions]
+            loss = completion_loss(outputs.logits, labels[:, positions], rows, self.letter_ids, self.next_item_loss, self.loss_normalization)
             return (loss, outputs) if return_outputs else loss
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -290,12 +351,26 @@ def build_trainer(run: RunDir, ranker: RankerArguments, model_args: RankerModelC
     from .ranker import compute_metrics, disable_cpu_repack
 
     tokenizer, new_ids = ranker_tokenizer(model_args, run, mixture)
-    model, peft_config = build_model(model_args, ranker, tokenizer, new_ids, PartialState().local_process_index)
+    by_token = index_texts(run) if ranker.index_token_init == "text" and new_ids else None
+    model, peft_config, init = build_model(model_args, ranker, tokenizer, new_ids, PartialState().local_process_index, by_token)
     trainer = make_trainer_class()(model=model, args=training_args, train_dataset=run.task("train"), eval_dataset=run.eval_set("validation"),
                                    processing_class=tokenizer, peft_config=peft_config, compute_metrics=compute_metrics,
-                                   letter_ids=mixture["letter_token_ids"])
+                                   letter_ids=mixture["letter_token_ids"], next_item_loss=ranker.next_item_loss,
+                                   loss_normalization=ranker.loss_normalization)
     disable_cpu_repack(trainer.model)
+    trainer.index_token_init = init
     return trainer, new_ids
+
+
+def index_texts(run: RunDir) -> dict[str, list[str]]:
+    """Each index token's texts for `index_token_init: text`: the preferences of the users whose index holds it."""
+    from .prompts import token_texts
+
+    preferences = run.preferences(required=False)
+    if not preferences:
+        raise UlmrecError(f"train: --index_token_init text starts each index token from its users' preferences, and "
+                          f"{run.path('preferences')} has none; run `ulmrec preferences` or use --index_token_init mean")
+    return token_texts(run.index(), preferences, run.index_tokens())
 
 
 def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModelConfig, training_args: RankerTrainingConfig) -> Path:
@@ -311,10 +386,12 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
     if not trainer.is_world_process_zero():
         return run.ranker
     config = {**base_record(model_args), "letter_token_ids": mixture["letter_token_ids"], "index_tokens": len(new_ids),
+              "index_token_init": ranker.index_token_init if new_ids else None, "next_item_loss": ranker.next_item_loss,
+              "loss_normalization": ranker.loss_normalization,
               "protocol": mixture["protocol"], "num_candidates": mixture["num_candidates"],
               "best_checkpoint": trainer.state.best_model_checkpoint, "best_validation_ndcg@10": trainer.state.best_metric}
     choice = checkpoint_choice(final.metrics, untrained, ranker)
-    metrics = train_metrics(trainer, run, mixture, final.metrics, untrained, choice, resume, derived)
+    metrics = train_metrics(trainer, run, mixture, final.metrics, untrained, choice, resume, derived, ranker)
     save_ranker(trainer, run, config, metrics, final.predictions)
     model_card(config, mixture, metrics, training_args, model_args, run.user_text_provenance()).save(run.ranker_files.card)
     if choice["refused"]:
@@ -345,11 +422,16 @@ def fit(trainer, run: RunDir, ranker: RankerArguments) -> tuple[dict | None, Pat
     return untrained, resume
 
 
-def train_metrics(trainer, run: RunDir, mixture: dict, best: dict, untrained: dict | None, choice: dict, resume: Path | None, derived: dict) -> dict:
+def train_metrics(trainer, run: RunDir, mixture: dict, best: dict, untrained: dict | None, choice: dict, resume: Path | None, derived: dict,
+                  ranker: RankerArguments) -> dict:
     """What train_metrics.json records: the kept and untrained validation metrics, the decision, how training ran."""
     import torch
 
+    options = {k: getattr(ranker, k) for k in ("next_item_loss", "loss_normalization", "index_token_init")}
+    init = trainer.index_token_init
+    options["index_rows_from_text"] = len(init[0]) if init else 0
     return {"untrained": untrained, "best": best, "choice": choice, "worse_than_untrained": choice["worse_than_untrained"], "protocol": mixture["protocol"],
+            "training_options": options,
             "resumed_from": str(resume) if resume else None, "resumed_at_step": int(resume.name.split("-")[-1]) if resume else None,
             "derived_defaults": derived, "index_token_rows": token_row_change(trainer.model),
             "adapter_bytes": run.ranker_files.adapter.stat().st_size,
@@ -360,10 +442,18 @@ def train_metrics(trainer, run: RunDir, mixture: dict, best: dict, untrained: di
 
 
 def save_ranker(trainer, run: RunDir, config: dict, metrics: dict, validation_scores) -> None:
-    """ranker_config.json, train_metrics.json, the kept model's validation scores (evaluate reuses them) and the tokenizer."""
+    """ranker_config.json, train_metrics.json, the kept model's validation scores (evaluate reuses them), the tokenizer
+    and the index tokens' text rows (`index_token_init: text`)."""
+    import torch
+
     from .prompts import prompts_digest
 
     files = run.ranker_files
+    if trainer.index_token_init is not None:
+        from safetensors.torch import save_file
+
+        ids, rows = trainer.index_token_init
+        save_file({"token_ids": torch.tensor(ids), "rows": rows.contiguous()}, str(files.index_token_init))
     write_json(files.config, config)
     write_json(files.train_metrics, metrics)
     write_json(files.validation_scores, {"prompts_sha256": prompts_digest(trainer.eval_dataset["prompt"]), "scores": validation_scores.tolist()})
