@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from bench_common import NO_ALIGN_TASKS, add_wall, ci_text, held, paired, per_user
@@ -169,7 +170,9 @@ def validation_ndcg(model: str, run: Path, k: int):
         cache = RUNS / "select" / f"validation_k{k}_{run.relative_to(RUNS).as_posix().replace('/', '_')}.npy"
         if not cache.exists():
             with held(STAGE_LOCK):
+                start = time.time()
                 np.save(cache, more_orders(model, r, validation, scores, k))
+                add_wall(WALL, f"{run.relative_to(RUNS)}/validation scored over {k} candidate orders", round(time.time() - start, 1))
         scores = np.load(cache)
     return np.array(score_metrics(scores, np.array(validation["target_position"]), ks=(10,), per_user=True)["per_user"]["ndcg@10"])
 
@@ -294,8 +297,9 @@ def chosen_rows(protocol: str) -> tuple[dict, list[str]]:
         equal = f"LlamaRec-style, {X4}x rows" if name.endswith(f"_x{X4}") else "LlamaRec-style"
         if not out:
             out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None, None)
-        out[label] = (users["ranker"], metrics["test"]["ranker"], None, equal)
-        out[f"{label} + LRURec fused"] = (users["fused"], metrics["test"]["fused"], metrics["fusion"]["weight"], equal)
+        cost = {"eval_permutations": metrics["scoring"]["eval_permutations"], "scoring_s": metrics["scoring"]["seconds"]}
+        out[label] = (users["ranker"], {**metrics["test"]["ranker"], **cost}, None, equal)
+        out[f"{label} + LRURec fused"] = (users["fused"], {**metrics["test"]["fused"], **cost}, metrics["fusion"]["weight"], equal)
         for row, text in UID_ROWS.items() if name == "ulmrec_pid" else ():
             key = "random_order" if row == "random_order" else f"ranker_{row}"
             out[text] = (users[row], metrics["test"][key], None, None)
@@ -311,6 +315,7 @@ def chosen_table() -> tuple[dict, list[str]]:
             continue
         lrurec = rows["LRURec order"][0]
         results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w, "tied_gold_users": m["tied_gold_users"],
+                                     "eval_permutations": m.get("eval_permutations"), "scoring_s": m.get("scoring_s"),
                                      "vs_lrurec": paired(v, lrurec), "vs_llamarec_equal_rows": paired(v, rows[equal][0]) if equal in rows else None,
                                      "llamarec_row": equal} for label, (v, m, w, equal) in rows.items()}
     return results, pending
@@ -404,12 +409,13 @@ def chosen_markdown(chosen: dict, pending: list[str]) -> list[str]:
     if pending:
         lines += [f"Not finished yet: {', '.join(pending)}.", ""]
     for protocol, rows in chosen.items():
-        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | Δ vs LRURec (95 % CI) | "
-                  "Δ vs LlamaRec-style at equal next-item rows (95 % CI) |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | candidate orders (test scoring s) | "
+                  "Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style at equal next-item rows (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
+            cost = f"{r['eval_permutations']} ({r['scoring_s'].get('test', 0):.0f})" if r.get("eval_permutations") else "—"
             lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {r['tied_gold_users']} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
-                         f"{r['overall']['ndcg@10']:.4f} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
+                         f"{r['overall']['ndcg@10']:.4f} | {cost} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
         lines.append("")
     return lines
 

@@ -83,7 +83,7 @@ def test_beauty_quality_paired_interval_and_table():
     assert "| LRURec order | 0.4000 | — | — | 3 |" in table and "ties: stable by shown order" in table
     assert "rank N@10 0.4445, overall N@10 0.0585" in table
     assert "| ulmrec_pid | loss | b | 0.3500 | +0.0500 (0.0100) | **yes** |" in table and "| ulmrec_pid | loss | a | 0.3000 |" in table
-    assert "| ULMRec | 0.4000 | 3 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table and table.rstrip().endswith("| — |")
+    assert "| ULMRec | 0.4000 | 3 | 0.7000 | 0.3000 | 0.4000 | — | +0.0750 [" in table and table.rstrip().endswith("| — |")
     assert "Not finished yet: chosen/paper/llamarec_x4." in table
 
 

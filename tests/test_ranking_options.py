@@ -134,9 +134,17 @@ def test_text_init_rows_are_deterministic_and_reload_bit_identically(text_init_r
     metrics = read_json(run.ranker_files.train_metrics)
     check = metrics["reload_check"]
     assert score_prompts(model, tok, check["prompts"], config["letter_token_ids"]).tolist() == check["scores"]
+    assert "preferences" in read_json(run.path("train") / "_COMPLETE")["inputs"]  # the texts the rows came from
     assert metrics["training_options"] == {"next_item_loss": "lm", "loss_normalization": "token", "index_token_init": "text",
                                            "index_rows_from_text": len(used)}
     assert "index-token rows started from: `text`" in run.ranker_files.card.read_text()
+
+
+def test_the_letters_loss_refuses_a_mixture_where_another_row_answers_with_a_letter():
+    rows = {"task": ["next_item", "intent", "index_to_preference"], "completion": ["C", "A", "The user likes soap."]}
+    train_mod.check_letter_rows(rows, 20)
+    with pytest.raises(UlmrecError, match="a index_to_preference row has the completion 'B'"):
+        train_mod.check_letter_rows({**rows, "completion": ["C", "A", "B"]}, 20)
 
 
 def test_text_init_needs_preferences(tmp_path, tiny_pipeline, copy_stages, train_flags):
@@ -158,6 +166,9 @@ def test_permutation_average_is_each_items_mean_log_probability_over_its_positio
 
     first = score(prompts)
     assert permutation_average(first, prompts, keys, 1, score) is first  # k = 1: the scores of today's evaluation
+    for k in (0, -1):  # never a silent reversal or an all-tied ranking
+        with pytest.raises(UlmrecError, match="eval_permutations must be at least 1"):
+            permutation_average(first, prompts, keys, k, score)
     got = permutation_average(first, prompts, keys, 3, score)
     for r, key in enumerate(keys):
         orders = [list(range(4))] + [permutation(4, f"{key}-perm{j}") for j in (1, 2)]
@@ -222,7 +233,8 @@ def test_the_swapped_index_row_gives_every_user_another_users_index(tiny_pipelin
 
     run = RunDir(tiny_pipeline)
     data = run.eval_set("test", uid_only=True)
-    swapped = swapped_index(run, data)
+    swapped, unchanged = swapped_index(run, data)
+    assert unchanged == 0
     table = run.prepared()["users"]
     name = dict(zip(table["user_id"], table["user"]))
     own = [run.index()[name[u]] for u in data["user_id"]]
@@ -232,6 +244,7 @@ def test_the_swapped_index_row_gives_every_user_another_users_index(tiny_pipelin
         assert after == before.replace(f"User: {a}\n", f"User: {b}\n")
     summary = read_json(run.eval_metrics_file)
     assert {"ranker_uid_only", "ranker_uid_only_swapped_index", "random_order"} <= set(summary["test"])
+    assert summary["test"]["ranker_uid_only_swapped_index"]["users_shown_their_own_index"] == 0
     table = datasets.load_from_disk(str(run.eval_per_user))["test"]
     assert {"rank_uid_only_swapped_index", "rank_random_order"} <= set(table.column_names)
     assert sorted(table["rank_random_order"]) != sorted(table["rank_uid_only"])  # a seeded random order, not the model's

@@ -45,7 +45,8 @@ No text derived from a user may contain their validation or test interactions. T
 - Skipped tasks: {{ skipped }}.
 - LoRA r={{ lora_r }}, alpha={{ lora_alpha }}, dropout={{ lora_dropout }}; lr {{ lr }}, {{ epochs }} epoch(s),
   {{ samples }} samples, {{ steps }} steps.
-{% if options %}- Loss of the letter-answer rows: `{{ options.next_item_loss }}`; normalisation: `{{ options.loss_normalization }}`;
+{% if permutations and permutations > 1 %}- Each next-item row written under {{ permutations }} seeded candidate orders (`candidate_permutations`).
+{% endif %}{% if options %}- Loss of the letter-answer rows: `{{ options.next_item_loss }}`; normalisation: `{{ options.loss_normalization }}`;
   index-token rows started from: `{{ options.index_token_init }}`{% if options.index_rows_from_text %} ({{ options.index_rows_from_text }} rows from their users' preferences){% endif %}.
 {% endif %}
 ## Validation (verbalizer, users whose ground truth is among the candidates)
@@ -136,7 +137,7 @@ def model_card(config: dict, mixture: dict, metrics: dict, training_args, model_
         untrained_ndcg=(metrics["untrained"] or {}).get("untrained_ndcg@10", float("nan")), protocol=config["protocol"],
         tasks=mixture["tasks"], skipped="; ".join(f"{t}: {why}" for t, why in mixture["skipped"].items()) or "none",
         lora_r=model_args.lora_r, lora_alpha=model_args.lora_alpha, lora_dropout=model_args.lora_dropout, lr=training_args.learning_rate,
-        epochs=training_args.num_train_epochs, samples=metrics["train_samples"], steps=metrics["steps"], options=metrics.get("training_options"), rows=rows, repo=repo_id or "PATH",
+        epochs=training_args.num_train_epochs, samples=metrics["train_samples"], steps=metrics["steps"], options=metrics.get("training_options"), permutations=mixture.get("candidate_permutations"), rows=rows, repo=repo_id or "PATH",
         dataset_repo=dataset_repo, test=test, test_users=f"{users.get('in_candidates')} of {users.get('users')} users" if users else "", export=export)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .common import StageArguments, UlmrecError, file_digest, read_json, settings_of, write_json
 from .layout import RankerFolder, RunDir
 from .metrics import TIE_RULE, agreement, fuse, gold_ranks, rank_and_overall, score_metrics, tied_gold
+from .ranker import check_permutations
 
 logger = logging.getLogger(__name__)
 FUSION_WEIGHTS = [0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0]
@@ -123,8 +124,7 @@ def merge_check(run: RunDir, args: EvaluateArguments, validation) -> dict:
 
 def main(stage: StageArguments, args: EvaluateArguments) -> Path:
     run = RunDir(stage.run_dir)
-    if args.eval_permutations < 1:
-        raise UlmrecError(f"evaluate: --eval_permutations must be at least 1 (1: the protocol's order alone), got {args.eval_permutations}")
+    check_permutations(args.eval_permutations)
     if args.zero_shot and (args.merge_adapter or args.ranker):
         raise UlmrecError("evaluate: --zero_shot scores the base model; it has no adapter to merge or load")
     inputs = ("tasks",) if args.zero_shot or args.ranker else ("tasks", "train")
@@ -188,31 +188,38 @@ def uid_only_rows(run: RunDir, loaded: tuple, args: EvaluateArguments, summary: 
     if data is None:
         return
     gold, users = np.array(data["target_position"]), run.eval_meta()["test"]["users"]
-    for name, rows in (("ranker_uid_only", data), ("ranker_uid_only_swapped_index", swapped_index(run, data))):
+    swapped, unchanged = swapped_index(run, data)
+    for name, rows in (("ranker_uid_only", data), ("ranker_uid_only_swapped_index", swapped)):
         if rows is None:
             continue
         scores = clock.time(f"test {name.removeprefix('ranker_')}", score, *loaded, rows, args, f"test {name}", split_key(run, "test"))
         summary["test"][name] = score_metrics(scores, gold, users)
         per_user["test"] = per_user["test"].add_column(name.replace("ranker", "rank"), ranks(scores, gold))
+    if swapped is not None:
+        summary["test"]["ranker_uid_only_swapped_index"]["users_shown_their_own_index"] = unchanged
     random = np.random.default_rng(run.eval_meta()["eval_seed"]).random((len(data), len(data[0]["candidates"]))).astype(np.float32)
     summary["test"]["random_order"] = score_metrics(random, gold, users)
     per_user["test"] = per_user["test"].add_column("rank_random_order", ranks(random, gold))
 
 
 def swapped_index(run: RunDir, data):
-    """The uid-only prompts with each user's index replaced by another user's (a seeded derangement: each user takes
-    the index of the next user in a seeded cycle); None with fewer than two users."""
+    """(the uid-only prompts with each user's index replaced by another user's, how many users still see their own index
+    string): a seeded derangement, each user taking the index of the next user in a seeded cycle; an index scheme
+    with repeated strings (an import can have them) leaves some users theirs, counted. (None, 0) with fewer than two users."""
     from .prompts import permutation, with_user_field
 
     if len(data) < 2:
-        return None
+        return None, 0
     table, index = run.prepared()["users"], run.index()
     name = dict(zip(table["user_id"], table["user"]))
     own = [index[name[u]] for u in data["user_id"]]
     cycle = permutation(len(own), f"{run.eval_meta()['eval_seed']}-swapped-index")
     donor = {a: b for a, b in zip(cycle, cycle[1:] + cycle[:1])}
     prompts = [with_user_field(p, own[i], own[donor[i]]) for i, p in enumerate(data["prompt"])]
-    return data.remove_columns("prompt").add_column("prompt", prompts)
+    unchanged = sum(own[i] == own[donor[i]] for i in range(len(own)))
+    if unchanged:
+        logger.warning("evaluate: %d users' index strings repeat another user's, so the swapped-index row shows them their own", unchanged)
+    return data.remove_columns("prompt").add_column("prompt", prompts), unchanged
 
 
 def fusion_weight(args: EvaluateArguments, validation, val_scores: np.ndarray) -> tuple[float, dict]:

@@ -134,6 +134,11 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
 
 
+def check_permutations(k: int) -> None:
+    if k < 1:
+        raise UlmrecError(f"eval_permutations must be at least 1 (1: the protocol's order alone), got {k}")
+
+
 def permutation_average(first: np.ndarray, prompts: list[str], keys: list[str], k: int, score) -> np.ndarray:
     """Scores over k candidate orders (permutation self-consistency): `first` holds the letter logits of the prompts as
     shown; order j >= 1 of row r is `permutation(n, f"{keys[r]}-perm{j}")`, scored by `score(prompts, j)`. Each
@@ -141,6 +146,7 @@ def permutation_average(first: np.ndarray, prompts: list[str], keys: list[str], 
     float32. k = 1 returns `first` unchanged."""
     from .prompts import permuted_prompt, permutation
 
+    check_permutations(k)
     if k == 1:
         return first
     n = first.shape[1]

@@ -36,7 +36,7 @@ class Recommender:
     def __init__(self, run_dir: str, fusion_weight: float | None = None, ranker_only: bool = False, eval_permutations: int | None = None):
         from .llm import load_tokenizer
         from .prompts import build_builder
-        from .ranker import load_ranker
+        from .ranker import check_permutations, load_ranker
 
         self.run = RunDir(run_dir)
         self.model, self.tokenizer, self.config = load_ranker(self.run.require("train"))
@@ -55,6 +55,7 @@ class Recommender:
         self.fusion_weight = None if ranker_only else fusion_weight
         if eval_permutations is None:
             eval_permutations = evaluated.get("scoring", {}).get("eval_permutations", 1) if evaluated else 1
+        check_permutations(eval_permutations)
         self.eval_permutations = eval_permutations
 
     def user_id(self, user: str) -> int:

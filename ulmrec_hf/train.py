@@ -351,6 +351,8 @@ def build_trainer(run: RunDir, ranker: RankerArguments, model_args: RankerModelC
     from .ranker import compute_metrics, disable_cpu_repack
 
     tokenizer, new_ids = ranker_tokenizer(model_args, run, mixture)
+    if ranker.next_item_loss == "letters":
+        check_letter_rows(run.task("train"), mixture["num_candidates"])
     by_token = index_texts(run) if ranker.index_token_init == "text" and new_ids else None
     model, peft_config, init = build_model(model_args, ranker, tokenizer, new_ids, PartialState().local_process_index, by_token)
     trainer = make_trainer_class()(model=model, args=training_args, train_dataset=run.task("train"), eval_dataset=run.eval_set("validation"),
@@ -360,6 +362,21 @@ def build_trainer(run: RunDir, ranker: RankerArguments, model_args: RankerModelC
     disable_cpu_repack(trainer.model)
     trainer.index_token_init = init
     return trainer, new_ids
+
+
+LETTER_TASKS = ("next_item", "intent")
+
+
+def check_letter_rows(rows, n: int) -> None:
+    """`letters` finds a letter row by its completion (one candidate letter, then EOS): in this mixture exactly the
+    next-item and intent rows must have one, or the loss would treat another row as a letter answer."""
+    from .prompts import LETTERS
+
+    letters = set(LETTERS[:n])
+    for task, completion in zip(rows["task"], rows["completion"]):
+        if (task in LETTER_TASKS) != (completion in letters):
+            raise UlmrecError(f"train: --next_item_loss letters reads a row whose completion is one candidate letter as a letter answer, "
+                              f"but a {task} row has the completion {completion!r}; use --next_item_loss lm for this mixture")
 
 
 def index_texts(run: RunDir) -> dict[str, list[str]]:
@@ -377,7 +394,8 @@ def main(stage: StageArguments, ranker: RankerArguments, model_args: RankerModel
     run = RunDir(stage.run_dir)
     mixture = run.mixture()
     derived = resolve(model_args, training_args, run, mixture)
-    if not run.begin("train", train_settings(ranker, model_args, training_args), stage.overwrite, inputs=("tasks", "index")):
+    inputs = ("tasks", "index") + (("preferences",) if ranker.index_token_init == "text" else ())  # text rows read the preferences
+    if not run.begin("train", train_settings(ranker, model_args, training_args), stage.overwrite, inputs=inputs):
         return run.ranker
     trainer, new_ids = build_trainer(run, ranker, model_args, training_args, mixture)
     untrained, resume = fit(trainer, run, ranker)
