@@ -12,7 +12,7 @@ Three parts, each resumable:
    alignment rows on top); each LLM row also fused with LRURec, z(retriever) + w z(letter log-prob), w chosen on validation.
 2. Options chosen on validation users only (paper protocol, each model's 400 next-item rows, the validation users the
    fusion weight uses): the loss (`next_item_loss`, `loss_normalization`), then ULMRec's `index_token_init`, then
-   `eval_permutations` (1 or 3) per model. A challenger replaces the incumbent (the paper's option, or the cheaper k) only
+   `eval_permutations` (1 or 3) per model and protocol, on that protocol's validation prompts. A challenger replaces the incumbent (the paper's option, or the cheaper k) only
    when it beats it by more than one paired standard error, the rule the fusion weight follows. The loss options are tried
    as one challenger (`letters` with `sample`: the pair that removes the dilution of the letter rows), not one by one, and
    `candidate_permutations` stays 1 (it multiplies the training rows): this CPU budget allows no more trainings.
@@ -95,9 +95,9 @@ def base_run() -> Path:
     return base
 
 
-def protocol_pair(base: Path, root: Path, name: str, model: str, tasks: list[str], train: list[str], evaluate: list[str]) -> None:
+def protocol_pair(base: Path, root: Path, name: str, model: str, tasks: list[str], train: list[str], evaluate: dict) -> None:
     """One model (runs root/<protocol>/<name>): tasks and training in the paper protocol, evaluated there; then the shuffled
-    protocol's tasks (identical training rows, checked) and the same ranker evaluated on them."""
+    protocol's tasks (identical training rows, checked) and the same ranker evaluated on them (`evaluate`: each protocol's flags)."""
     index = [] if model == "ulmrec_pid" else ["--scheme", "none"]
     for protocol in PROTOCOLS:
         run = root / protocol / name
@@ -107,17 +107,17 @@ def protocol_pair(base: Path, root: Path, name: str, model: str, tasks: list[str
         stage("tasks", run, ["--protocol", protocol, *tasks])
         if protocol == "paper":
             stage("train", run, train)
-            stage("evaluate", run, evaluate)
+            stage("evaluate", run, evaluate[protocol])
         else:
             paper = root / "paper" / name
             same_rows(paper, run)
-            stage("evaluate", run, [*evaluate, "--ranker", str(RunDir(paper).ranker)])
+            stage("evaluate", run, [*evaluate[protocol], "--ranker", str(RunDir(paper).ranker)])
 
 
 def model_runs(base: Path, common: list[str]) -> None:
     """Part 1: each model with the paper's training options, then the zero-shot base on LlamaRec-style prompts."""
     for model, flags in MODELS.items():
-        protocol_pair(base, RUNS, model, model, [*common, *flags], TRAIN, ["--uid_only", "false"])
+        protocol_pair(base, RUNS, model, model, [*common, *flags], TRAIN, dict.fromkeys(PROTOCOLS, ["--uid_only", "false"]))
     for protocol in PROTOCOLS:
         zero = RUNS / protocol / "zero_shot"
         link_shared(RUNS / protocol / "llamarec", zero, ("prepare", "retrieve", "preferences", "index", "tasks"))
@@ -150,39 +150,50 @@ def trained(model: str, options: dict) -> Path:
     return run
 
 
-def validation_ndcg(model: str, run: Path, k: int):
-    """Per-user rank NDCG@10 on the validation users, from the letter scores over k candidate orders: k = 1 as training
-    (or part 1's zero-shot evaluation) saved them; k > 1 scored here once, holding STAGE_LOCK, and kept in select/."""
+def validation_ndcg(model: str, run: Path, k: int, protocol: str = "paper"):
+    """Per-user rank NDCG@10 of `run`'s model on the protocol's validation prompts over k candidate orders. The paper
+    protocol's k = 1 scores are the ones training (or part 1's zero-shot evaluation) saved; the others are scored here
+    once, holding STAGE_LOCK, and kept in select/."""
     import numpy as np
 
-    from ulmrec_hf.common import read_json
     from ulmrec_hf.metrics import score_metrics
 
-    r = RunDir(run)
-    validation = r.eval_set("validation")
-    if model == "zero_shot":
-        import datasets
-
-        scores = np.array(datasets.load_from_disk(str(r.eval_per_user))["validation"]["scores"], dtype=np.float32)
-    else:
-        scores = np.array(read_json(r.ranker_files.validation_scores)["scores"], dtype=np.float32)
-    if k > 1:
-        cache = RUNS / "select" / f"validation_k{k}_{run.relative_to(RUNS).as_posix().replace('/', '_')}.npy"
-        if not cache.exists():
-            with held(STAGE_LOCK):
-                start = time.time()
-                np.save(cache, more_orders(model, r, validation, scores, k))
-                add_wall(WALL, f"{run.relative_to(RUNS)}/validation scored over {k} candidate orders", round(time.time() - start, 1))
-        scores = np.load(cache)
+    prompts = RunDir(run if protocol == "paper" else RUNS / protocol / ("llamarec" if model == "zero_shot" else model))
+    validation = prompts.eval_set("validation")
+    scores = validation_scores(model, run, prompts, validation, k, protocol)
     return np.array(score_metrics(scores, np.array(validation["target_position"]), ks=(10,), per_user=True)["per_user"]["ndcg@10"])
 
 
-def more_orders(model: str, run: RunDir, validation, first, k: int):
-    """The validation scores averaged over k candidate orders, as `evaluate --eval_permutations k` computes them."""
+def validation_scores(model: str, run: Path, prompts: RunDir, validation, k: int, protocol: str):
+    import numpy as np
+
+    from ulmrec_hf.common import read_json
+
+    r = RunDir(run)
+    if protocol == "paper" and k == 1:
+        if model == "zero_shot":
+            import datasets
+
+            return np.array(datasets.load_from_disk(str(r.eval_per_user))["validation"]["scores"], dtype=np.float32)
+        return np.array(read_json(r.ranker_files.validation_scores)["scores"], dtype=np.float32)
+    name = run.relative_to(RUNS).as_posix().replace("/", "_")
+    cache = RUNS / "select" / (f"validation_k{k}_{name}.npy" if protocol == "paper" else f"validation_{protocol}_k{k}_{name}.npy")
+    if not cache.exists():
+        first = validation_scores(model, run, prompts, validation, 1, protocol) if k > 1 else None
+        with held(STAGE_LOCK):
+            start = time.time()
+            np.save(cache, more_orders(model, r, prompts, validation, first, k))
+            add_wall(WALL, f"{run.relative_to(RUNS)}/{protocol} validation scored over {k} candidate orders", round(time.time() - start, 1))
+    return np.load(cache)
+
+
+def more_orders(model: str, run: RunDir, prompts: RunDir, validation, first, k: int):
+    """`run`'s model's scores of `prompts`' validation set over k candidate orders, as `evaluate --eval_permutations k`
+    computes them (`first`: the shown order's scores, when known)."""
     from ulmrec_hf.evaluate import EvaluateArguments, load_model, score, split_key
 
     args = EvaluateArguments(eval_permutations=k, zero_shot=model == "zero_shot", zero_shot_dtype="bfloat16")
-    return score(*load_model(run, args), validation, args, "validation", split_key(run, "validation"), first)
+    return score(*load_model(run, args), validation, args, "validation", split_key(prompts, "validation"), first)
 
 
 def challenge(incumbent: str, ndcg: dict) -> tuple[str, dict]:
@@ -209,25 +220,41 @@ def select(model: str) -> dict:
         steps.append({"step": step, "incumbent": label(options), "chosen": chosen, "candidates": record})
         options = tried[chosen]
     run = trained(model, options)
-    ndcg = {str(k): validation_ndcg(model, run, k) for k in EVAL_PERMUTATIONS}
+    return {"options": options, "run": str(run.relative_to(RUNS)), "steps": steps + [orders_step(model, run, "paper")]}
+
+
+def orders_step(model: str, run: Path, protocol: str) -> dict:
+    """eval_permutations chosen on the protocol's validation users (1, the cheaper, is the incumbent)."""
+    ndcg = {str(k): validation_ndcg(model, run, k, protocol) for k in EVAL_PERMUTATIONS}
     k, record = challenge(str(EVAL_PERMUTATIONS[0]), ndcg)
-    steps.append({"step": "eval_permutations", "incumbent": str(EVAL_PERMUTATIONS[0]), "chosen": k, "candidates": record})
-    return {"options": options, "eval_permutations": int(k), "run": str(run.relative_to(RUNS)), "steps": steps}
+    return {"step": f"eval_permutations ({protocol})", "incumbent": str(EVAL_PERMUTATIONS[0]), "chosen": k, "candidates": record}
 
 
 def selection() -> dict:
+    """Part 2 for every model, kept in select/selection.json as it goes; then each protocol's eval_permutations."""
     chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
     for model in STEPS:
         if model not in chosen:
             chosen[model] = select(model)
-            SELECTION.write_text(json.dumps(chosen, indent=2) + "\n")
+        r = chosen[model]
+        if r.pop("eval_permutations", None) is not None:  # chosen before it was chosen per protocol: the paper protocol's
+            next(s for s in r["steps"] if s["step"] == "eval_permutations")["step"] = "eval_permutations (paper)"
+        for protocol in PROTOCOLS:
+            if f"eval_permutations ({protocol})" not in {s["step"] for s in r["steps"]}:
+                r["steps"].append(orders_step(model, RUNS / r["run"], protocol))
+        SELECTION.write_text(json.dumps(chosen, indent=2) + "\n")
     return chosen
 
 
+def orders(chosen: dict, model: str, protocol: str) -> int:
+    """The eval_permutations validation chose for this model and protocol."""
+    return int(next(s["chosen"] for s in chosen[model]["steps"] if s["step"] == f"eval_permutations ({protocol})"))
+
+
 # -- part 3: the test table with what validation chose -------------------------------------------------------------
-def eval_flags(model: str, chosen: dict) -> list[str]:
+def eval_flags(model: str, chosen: dict, protocol: str) -> list[str]:
     zero = ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"] if model == "zero_shot" else []
-    return [*zero, "--eval_permutations", str(chosen[model]["eval_permutations"]), "--uid_only", str(model == "ulmrec_pid").lower()]
+    return [*zero, "--eval_permutations", str(orders(chosen, model, protocol)), "--uid_only", str(model == "ulmrec_pid").lower()]
 
 
 def chosen_runs(base: Path, chosen: dict, common: list[str], x4: list[str]) -> None:
@@ -238,11 +265,12 @@ def chosen_runs(base: Path, chosen: dict, common: list[str], x4: list[str]) -> N
         for protocol in PROTOCOLS:
             run = RUNS / "chosen" / protocol / model
             link_shared(RUNS / protocol / tasks_from, run, ("prepare", "retrieve", "preferences", "index", "tasks"))
-            stage("evaluate", run, [*ranker, *eval_flags(model, chosen)])
+            stage("evaluate", run, [*ranker, *eval_flags(model, chosen, protocol)])
     own = {"ulmrec_no_align": ("ulmrec_pid", [*common, *NO_ALIGN_TASKS]), f"llamarec_x{X4}": ("llamarec", [*x4, *NO_ALIGN_TASKS]),
            f"ulmrec_pid_x{X4}": ("ulmrec_pid", x4)}
     for name, (model, tasks) in own.items():
-        protocol_pair(base, RUNS / "chosen", name, model, tasks, [*TRAIN, *RESUMABLE, *option_flags(chosen[model]["options"])], eval_flags(model, chosen))
+        protocol_pair(base, RUNS / "chosen", name, model, tasks, [*TRAIN, *RESUMABLE, *option_flags(chosen[model]["options"])],
+                      {protocol: eval_flags(model, chosen, protocol) for protocol in PROTOCOLS})
 
 
 def old_rule_ndcg(run: Path) -> dict:
@@ -391,7 +419,7 @@ def markdown(s: dict) -> str:
 
 
 def selection_markdown(selection: dict | None) -> list[str]:
-    lines = ["", "## Options chosen on validation users (paper protocol, 400 next-item rows)", ""]
+    lines = ["", "## Options chosen on validation users (400 next-item rows; the training options in the paper protocol)", ""]
     if not selection:
         return lines + ["Not measured yet."]
     lines += ["A challenger replaces the incumbent only when it beats it by more than one paired standard error of per-user "

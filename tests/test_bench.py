@@ -101,3 +101,11 @@ def test_beauty_quality_options_change_only_past_one_paired_standard_error():
     chosen, record = bq.challenge("paper", {"paper": base, "noisy": noise, "clear": clear, "worse": base - 0.05})
     assert chosen == "clear" and record["clear"]["diff_vs_incumbent"] == round(0.05 + float((clear - base - 0.05).mean()), 4)
     assert record["paper"] == {"ndcg@10": round(float(base.mean()), 4), "diff_vs_incumbent": 0.0, "paired_se": 0.0}
+
+
+def test_beauty_quality_reads_each_protocols_candidate_orders():
+    bq = load_script("beauty_quality")
+    chosen = {"llamarec": {"steps": [{"step": "loss", "chosen": "x"}, {"step": "eval_permutations (paper)", "chosen": "1"},
+                                     {"step": "eval_permutations (shuffled)", "chosen": "3"}]}}
+    assert [bq.orders(chosen, "llamarec", p) for p in ("paper", "shuffled")] == [1, 3]
+    assert bq.eval_flags("llamarec", chosen, "shuffled") == ["--eval_permutations", "3", "--uid_only", "false"]
