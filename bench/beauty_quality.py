@@ -190,10 +190,10 @@ def validation_scores(model: str, run: Path, prompts: RunDir, validation, k: int
 def more_orders(model: str, run: RunDir, prompts: RunDir, validation, first, k: int):
     """`run`'s model's scores of `prompts`' validation set over k candidate orders, as `evaluate --eval_permutations k`
     computes them (`first`: the shown order's scores, when known)."""
-    from ulmrec_hf.evaluate import EvaluateArguments, load_model, score, split_key
+    from ulmrec_hf.evaluate import EvaluateArguments, load_model, score, user_keys
 
     args = EvaluateArguments(eval_permutations=k, zero_shot=model == "zero_shot", zero_shot_dtype="bfloat16")
-    return score(*load_model(run, args), validation, args, "validation", split_key(prompts, "validation"), first)
+    return score(*load_model(run, args), validation, args, "validation", user_keys(prompts, "validation", validation), first)
 
 
 def challenge(incumbent: str, ndcg: dict) -> tuple[str, dict]:

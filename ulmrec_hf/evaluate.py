@@ -84,9 +84,9 @@ def load_model(run: RunDir, args: EvaluateArguments, merge: bool = False):
     return load_ranker(ranker_folder(run, args), merge=merge)
 
 
-def score(model, tokenizer, config, data, args: EvaluateArguments, name: str, key: str, first: np.ndarray | None = None) -> np.ndarray:
+def score(model, tokenizer, config, data, args: EvaluateArguments, name: str, keys: list[str], first: np.ndarray | None = None) -> np.ndarray:
     """Letter scores of `data`'s prompts over `eval_permutations` candidate orders (`ranker.permutation_average`, order j
-    of a user seeded by `key` and the user id); `first`: the scores of the prompts as shown, when already known."""
+    of a user seeded by the user's key, `user_keys`); `first`: the scores of the prompts as shown, when already known."""
     from .ranker import permutation_average, score_prompts
 
     k = args.eval_permutations
@@ -97,7 +97,7 @@ def score(model, tokenizer, config, data, args: EvaluateArguments, name: str, ke
 
     prompts = list(data["prompt"])
     first = letters(prompts) if first is None else first
-    return permutation_average(first, prompts, [f"{key}-{u}" for u in data["user_id"]], k, letters)
+    return permutation_average(first, prompts, keys, k, letters)
 
 
 def validation_first(run: RunDir, args: EvaluateArguments, validation) -> tuple[np.ndarray | None, str]:
@@ -117,7 +117,7 @@ def validation_first(run: RunDir, args: EvaluateArguments, validation) -> tuple[
 def merge_check(run: RunDir, args: EvaluateArguments, validation) -> dict:
     """Validation scores of the as-trained model, to compare with the merged one."""
     model, tokenizer, config = load_model(run, args)
-    scores = score(model, tokenizer, config, validation, args, "validation (as trained)", split_key(run, "validation"))
+    scores = score(model, tokenizer, config, validation, args, "validation (as trained)", user_keys(run, "validation", validation))
     del model
     return {"as_trained": scores, "loaded_as": config["loaded_as"]}
 
@@ -140,12 +140,12 @@ def main(stage: StageArguments, args: EvaluateArguments) -> Path:
                "users": {split: meta[split] for split in ("validation", "test")}}
     first, summary["validation_scores"] = validation_first(run, args, validation)
     clock = Clock()
-    val_scores = clock.time("validation", score, model, tokenizer, config, validation, args, "validation", split_key(run, "validation"), first)
+    val_scores = clock.time("validation", score, model, tokenizer, config, validation, args, "validation", user_keys(run, "validation", validation), first)
     if checked:
         summary["merge_agreement"] = {"compared_with": checked["loaded_as"], **agreement(checked["as_trained"], val_scores)}
     w, summary["fusion"] = fusion_weight(args, validation, val_scores)
     summary["validation"] = split_metrics(validation, val_scores, w, meta["validation"]["users"])
-    test_scores = clock.time("test", score, model, tokenizer, config, test, args, "test", split_key(run, "test"))
+    test_scores = clock.time("test", score, model, tokenizer, config, test, args, "test", user_keys(run, "test", test))
     summary["test"] = split_metrics(test, test_scores, w, meta["test"]["users"])
     per_user = {"validation": per_user_table(validation, val_scores, w), "test": per_user_table(test, test_scores, w)}
     if args.uid_only:
@@ -175,9 +175,12 @@ class Clock:
         return out
 
 
-def split_key(run: RunDir, split: str) -> str:
-    """What seeds a split's extra candidate orders (with each user id): the evaluation seed and the split."""
-    return f"{run.eval_meta()['eval_seed']}-{split}"
+def user_keys(run: RunDir, split: str, data) -> list[str]:
+    """What seeds each user's extra candidate orders in a split (`prompts.user_key`)."""
+    from .prompts import user_key
+
+    seed = run.eval_meta()["eval_seed"]
+    return [user_key(seed, split, u) for u in data["user_id"]]
 
 
 def uid_only_rows(run: RunDir, loaded: tuple, args: EvaluateArguments, summary: dict, per_user: dict, clock: Clock) -> None:
@@ -192,7 +195,7 @@ def uid_only_rows(run: RunDir, loaded: tuple, args: EvaluateArguments, summary: 
     for name, rows in (("ranker_uid_only", data), ("ranker_uid_only_swapped_index", swapped)):
         if rows is None:
             continue
-        scores = clock.time(f"test {name.removeprefix('ranker_')}", score, *loaded, rows, args, f"test {name}", split_key(run, "test"))
+        scores = clock.time(f"test {name.removeprefix('ranker_')}", score, *loaded, rows, args, f"test {name}", user_keys(run, "test", rows))
         summary["test"][name] = score_metrics(scores, gold, users)
         per_user["test"] = per_user["test"].add_column(name.replace("ranker", "rank"), ranks(scores, gold))
     if swapped is not None:

@@ -103,11 +103,17 @@ def permutation(n: int, key: str) -> list[int]:
     return order
 
 
+def user_key(eval_seed: int, split: str, user_id) -> str:
+    """What seeds one user's candidate orders in a split: the shuffled protocol's order and the extra scoring orders
+    (evaluation and serving both read it here, so they cannot drift)."""
+    return f"{eval_seed}-{split}-{user_id}"
+
+
 def eval_row(builder: PromptBuilder, eval_order: str, r: dict, user_field: str | None, eval_seed: int, split: str, with_history: bool = True) -> dict:
     """The next-item prompt of one validation/test candidate row (serving builds the same one)."""
     cands = list(r["candidates"])
     if eval_order == "shuffled":
-        random.Random(f"{eval_seed}-{split}-{r['user_id']}").shuffle(cands)
+        random.Random(user_key(eval_seed, split, r["user_id"])).shuffle(cands)
     score = dict(zip(r["candidates"], r["scores"]))
     return next_item_row(builder, user_field, r["history"] if with_history else [], cands, r["target"], user_id=r["user_id"],
                          retriever_scores=[score[c] for c in cands], retriever_rank=r["target_rank"])

@@ -68,7 +68,7 @@ class Recommender:
     def rank(self, users: list[str], split: str = "test") -> list[list[tuple[int, str, float]]]:
         """Per user, (item id, title, score) best first; the score is fused when a fusion weight is set."""
         from .metrics import fuse, ranking_order
-        from .prompts import eval_row
+        from .prompts import eval_row, user_key
         from .ranker import permutation_average, score_prompts
 
         table = self.candidates[split]
@@ -78,7 +78,7 @@ class Recommender:
             rows.append(eval_row(self.builder, self.eval_order, table[self.positions[split][uid]], self.index.get(self.names[uid]),
                                  self.eval_seed, split))
         prompts, letters = [r["prompt"] for r in rows], self.config["letter_token_ids"]
-        keys = [f"{self.eval_seed}-{split}-{r['user_id']}" for r in rows]  # evaluate's seeds of the extra orders
+        keys = [user_key(self.eval_seed, split, r["user_id"]) for r in rows]
         scores = permutation_average(score_prompts(self.model, self.tokenizer, prompts, letters), prompts, keys, self.eval_permutations,
                                      lambda shown, j: score_prompts(self.model, self.tokenizer, shown, letters))
         if self.fusion_weight is not None:
