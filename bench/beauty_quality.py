@@ -54,7 +54,7 @@ EVAL_SEED = 42
 PROMPT = ["--history_len", "5", "--title_max_tokens", "16"]
 PROTOCOLS = ("paper", "shuffled")
 MODELS = {"llamarec": NO_ALIGN_TASKS, "ulmrec_pid": []}
-WALL = RUNS / "wall_s.json"  # seconds per stage, summed over the calls that ran it (a resumed stage adds up)
+WALL = RUNS / "wall_s.json"  # seconds per stage, summed over the calls that ran it (a resumed or killed attempt adds up)
 TRAIN = ["--eval_before_training", "false", "--eval_steps", "1000000"]  # the final weights, scored once at the end
 # Part 3's longer trainings keep a checkpoint every 25 steps, so a session that ends mid-training loses little (the final
 # weights are kept either way: nothing is evaluated before the end).
@@ -71,9 +71,8 @@ X4 = 4  # the larger training budget: this many times the next-item rows
 
 
 def stage(name: str, run: Path, flags: list[str]) -> None:
-    """One stage with the recipe, holding STAGE_LOCK; its seconds are added to WALL."""
-    seconds = run_timed(name, run, flags, recipe=RECIPE, lock=STAGE_LOCK, label=str(run.relative_to(RUNS)))
-    add_wall(WALL, f"{run.relative_to(RUNS)}/{name}", seconds)
+    """One stage with the recipe, holding STAGE_LOCK; its seconds (a killed attempt's included) are added to WALL."""
+    run_timed(name, run, flags, recipe=RECIPE, lock=STAGE_LOCK, label=str(run.relative_to(RUNS)), wall=(WALL, f"{run.relative_to(RUNS)}/{name}"))
 
 
 def read_wall() -> dict:
@@ -252,9 +251,21 @@ def orders(chosen: dict, model: str, protocol: str) -> int:
 
 
 # -- part 3: the test table with what validation chose -------------------------------------------------------------
-def eval_flags(model: str, chosen: dict, protocol: str) -> list[str]:
+def eval_flags(name: str, model: str, chosen: dict, protocol: str) -> list[str]:
+    """Evaluate flags of run `name` (trained as `model`): the orders validation chose; uid-only rows for ULMRec's main row."""
     zero = ["--zero_shot", "true", "--zero_shot_dtype", "bfloat16"] if model == "zero_shot" else []
-    return [*zero, "--eval_permutations", str(orders(chosen, model, protocol)), "--uid_only", str(model == "ulmrec_pid").lower()]
+    return [*zero, "--eval_permutations", str(orders(chosen, model, protocol)), "--uid_only", str(name == "ulmrec_pid").lower()]
+
+
+def part_one(name: str, chosen: dict, protocol: str) -> bool:
+    """Whether part 1 already scored this row on test with exactly what validation chose (the paper's options, one
+    candidate order, no uid-only rows), so that its test users are not scored a second time."""
+    return name in ("zero_shot", "llamarec") and chosen[name]["options"] == DEFAULTS and orders(chosen, name, protocol) == 1
+
+
+def chosen_run(name: str, chosen: dict, protocol: str) -> Path:
+    """Where part 3's row `name` is evaluated in `protocol`: part 1's run when that is the same evaluation."""
+    return RUNS / protocol / name if part_one(name, chosen, protocol) else RUNS / "chosen" / protocol / name
 
 
 def chosen_runs(base: Path, chosen: dict, common: list[str], x4: list[str]) -> None:
@@ -263,14 +274,22 @@ def chosen_runs(base: Path, chosen: dict, common: list[str], x4: list[str]) -> N
         tasks_from = "llamarec" if model == "zero_shot" else model
         ranker = [] if model == "zero_shot" else ["--ranker", str(RunDir(RUNS / chosen[model]["run"]).ranker)]
         for protocol in PROTOCOLS:
-            run = RUNS / "chosen" / protocol / model
-            link_shared(RUNS / protocol / tasks_from, run, ("prepare", "retrieve", "preferences", "index", "tasks"))
-            stage("evaluate", run, [*ranker, *eval_flags(model, chosen, protocol)])
-    own = {"ulmrec_no_align": ("ulmrec_pid", [*common, *NO_ALIGN_TASKS]), f"llamarec_x{X4}": ("llamarec", [*x4, *NO_ALIGN_TASKS]),
-           f"ulmrec_pid_x{X4}": ("ulmrec_pid", x4)}
-    for name, (model, tasks) in own.items():
+            run = chosen_run(model, chosen, protocol)
+            if run.is_relative_to(RUNS / "chosen"):
+                link_shared(RUNS / protocol / tasks_from, run, ("prepare", "retrieve", "preferences", "index", "tasks"))
+                stage("evaluate", run, [*ranker, *eval_flags(model, model, chosen, protocol)])
+    for name, (model, tasks) in own_rows(common, x4).items():
         protocol_pair(base, RUNS / "chosen", name, model, tasks, [*TRAIN, *RESUMABLE, *option_flags(chosen[model]["options"])],
-                      {protocol: eval_flags(model, chosen, protocol) for protocol in PROTOCOLS})
+                      {protocol: eval_flags(name, model, chosen, protocol) for protocol in PROTOCOLS})
+
+
+OWN = {"ulmrec_no_align": "ulmrec_pid", f"llamarec_x{X4}": "llamarec", f"ulmrec_pid_x{X4}": "ulmrec_pid"}  # part 3's trainings: whose options
+
+
+def own_rows(common: list[str], x4: list[str]) -> dict:
+    """Part 3's own trainings, name -> (the model whose options it takes, its tasks flags)."""
+    tasks = {"ulmrec_no_align": [*common, *NO_ALIGN_TASKS], f"llamarec_x{X4}": [*x4, *NO_ALIGN_TASKS], f"ulmrec_pid_x{X4}": x4}
+    return {name: (OWN[name], tasks[name]) for name in OWN}
 
 
 def old_rule_ndcg(run: Path) -> dict:
@@ -310,43 +329,82 @@ CHOSEN = {"zero-shot": "zero_shot", "LlamaRec-style": "llamarec", "ULMRec": "ulm
           f"LlamaRec-style, {X4}x rows": f"llamarec_x{X4}", f"ULMRec, {X4}x rows": f"ulmrec_pid_x{X4}"}
 UID_ROWS = {"uid_only": "ULMRec uid-only (index + candidates)", "uid_only_swapped_index": "ULMRec uid-only, every index another user's",
             "random_order": "random order"}
+# Paired contrasts that answer a row's own question: (row, baseline, what the difference measures).
+CONTRASTS = [("ULMRec", "ULMRec, no alignment", "the alignment tasks"),
+             (f"LlamaRec-style, {X4}x rows", "LlamaRec-style", f"{X4}x next-item rows, LlamaRec-style"),
+             (f"ULMRec, {X4}x rows", "ULMRec", f"{X4}x next-item rows, ULMRec"),
+             (UID_ROWS["uid_only"], UID_ROWS["uid_only_swapped_index"], "the user's own index (vs another user's)"),
+             (UID_ROWS["uid_only"], UID_ROWS["random_order"], "uid-only ranking vs a random order"),
+             (UID_ROWS["uid_only_swapped_index"], UID_ROWS["random_order"], "another user's index vs a random order")]
 
 
-def chosen_rows(protocol: str) -> tuple[dict, list[str]]:
+def chosen_rows(protocol: str, chosen: dict) -> tuple[dict, list[str]]:
     """Part 3's rows of one protocol, label -> (per-user NDCG@10, metrics, fusion w, LlamaRec-style row at equal next-item
     rows), and the runs not finished yet."""
     out, pending = {}, []
     for label, name in CHOSEN.items():
-        run = RUNS / "chosen" / protocol / name
+        run = chosen_run(name, chosen, protocol)
         if not RunDir(run).is_complete("evaluate"):
-            pending.append(f"chosen/{protocol}/{name}")
+            pending.append(str(run.relative_to(RUNS)))
             continue
         metrics, users = RunDir(run).eval_metrics(), per_user(run)
         equal = f"LlamaRec-style, {X4}x rows" if name.endswith(f"_x{X4}") else "LlamaRec-style"
         if not out:
             out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None, None)
-        cost = {"eval_permutations": metrics["scoring"]["eval_permutations"], "scoring_s": metrics["scoring"]["seconds"]}
+        cost = scoring_cost(run, metrics)
         out[label] = (users["ranker"], {**metrics["test"]["ranker"], **cost}, None, equal)
         out[f"{label} + LRURec fused"] = (users["fused"], {**metrics["test"]["fused"], **cost}, metrics["fusion"]["weight"], equal)
-        for row, text in UID_ROWS.items() if name == "ulmrec_pid" else ():
+        for row, text in UID_ROWS.items() if name == "ulmrec_pid" and "uid_only" in users else ():
             key = "random_order" if row == "random_order" else f"ranker_{row}"
-            out[text] = (users[row], metrics["test"][key], None, None)
+            seconds = metrics["scoring"]["seconds"].get(f"test {row}")
+            uid_cost = {"eval_permutations": cost["eval_permutations"], "scoring_s": {"test": seconds}} if seconds else {}
+            out[text] = (users[row], {**metrics["test"][key], **uid_cost}, None, equal)
     return out, pending
 
 
-def chosen_table() -> tuple[dict, list[str]]:
-    results, pending = {}, []
+def scoring_cost(run: Path, metrics: dict) -> dict:
+    """Candidate orders and scoring seconds of an evaluation (part 1's runs predate the record: their evaluate stage's)."""
+    if "scoring" in metrics:
+        return {"eval_permutations": metrics["scoring"]["eval_permutations"], "scoring_s": metrics["scoring"]["seconds"]}
+    return {"eval_permutations": 1, "scoring_s": {"evaluate stage": read_wall().get(f"{run.relative_to(RUNS)}/evaluate")}}
+
+
+def chosen_table() -> tuple[dict, dict, list[str]]:
+    """Part 3's rows per protocol with paired CIs against LRURec and LlamaRec-style; its paired contrasts per protocol;
+    the runs not finished yet."""
+    results, contrasts, pending = {}, {}, []
+    chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else None
+    if chosen is None:
+        return results, contrasts, ["the selection (part 2)"]
     for protocol in PROTOCOLS:
-        rows, missing = chosen_rows(protocol)
+        rows, missing = chosen_rows(protocol, chosen)
         pending += missing
         if "LRURec order" not in rows:
             continue
         lrurec = rows["LRURec order"][0]
         results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w, "tied_gold_users": m["tied_gold_users"],
                                      "eval_permutations": m.get("eval_permutations"), "scoring_s": m.get("scoring_s"),
+                                     **({"users_shown_their_own_index": m["users_shown_their_own_index"]} if "users_shown_their_own_index" in m else {}),
                                      "vs_lrurec": paired(v, lrurec), "vs_llamarec_equal_rows": paired(v, rows[equal][0]) if equal in rows else None,
                                      "llamarec_row": equal} for label, (v, m, w, equal) in rows.items()}
-    return results, pending
+        contrasts[protocol] = [{"row": a, "baseline": b, "measures": what, **paired(rows[a][0], rows[b][0])}
+                               for a, b, what in CONTRASTS if a in rows and b in rows]
+    return results, contrasts, pending
+
+
+def chosen_training(chosen: dict | None) -> dict:
+    """Rows and training options of each trained row of part 3 (read from its run), and where its options come from."""
+    out = {}
+    if chosen is None:
+        return out
+    for name, model in {"llamarec": "llamarec", "ulmrec_pid": "ulmrec_pid", **OWN}.items():
+        run = RUNS / (chosen[name]["run"] if name in chosen else f"chosen/paper/{name}")
+        if not RunDir(run).is_complete("tasks"):
+            continue
+        mix = RunDir(run).mixture()
+        out[name] = {"run": str(run.relative_to(RUNS)), "next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"],
+                     "options": chosen[model]["options"], "options_chosen_on": "its own validation" if name in chosen else f"{model}'s validation (400 rows)"}
+    return out
 
 
 def previous_release() -> dict:
@@ -376,7 +434,8 @@ def report(args) -> dict:
                             for m, mix in mixtures.items()},
                "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": wall, "wall_s_total": round(sum(wall.values()), 1),
                "results": results, "selection": json.loads(SELECTION.read_text()) if SELECTION.exists() else None}
-    summary["chosen"], summary["pending"] = chosen_table()
+    summary["chosen"], summary["contrasts"], summary["pending"] = chosen_table()
+    summary["chosen_training"] = chosen_training(summary["selection"])
     (ROOT / "bench" / "results" / "beauty_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     (ROOT / "bench" / "results" / "beauty_quality.md").write_text(markdown(summary))
     print(markdown(summary))
@@ -415,7 +474,7 @@ def markdown(s: dict) -> str:
     paper = s["paper_metrics"]
     lines.append(f"For scale, the authors' released Llama-2-7b checkpoint on all test users with their own LRURec candidates: "
                  f"rank N@10 {paper['rank_subset']['test_NDCG@10']:.4f}, overall N@10 {paper['overall']['test_NDCG@10']:.4f}.")
-    return "\n".join(lines + selection_markdown(s["selection"]) + chosen_markdown(s["chosen"], s["pending"])) + "\n"
+    return "\n".join(lines + selection_markdown(s["selection"]) + chosen_markdown(s["chosen"], s["contrasts"], s["pending"], s["chosen_training"])) + "\n"
 
 
 def selection_markdown(selection: dict | None) -> list[str]:
@@ -432,20 +491,39 @@ def selection_markdown(selection: dict | None) -> list[str]:
     return lines
 
 
-def chosen_markdown(chosen: dict, pending: list[str]) -> list[str]:
+def chosen_markdown(chosen: dict, contrasts: dict, pending: list[str], training: dict) -> list[str]:
     lines = ["", "## The test table with what validation chose", ""]
     if pending:
         lines += [f"Not finished yet: {', '.join(pending)}.", ""]
+    if training:
+        lines += ["| trained row | run | next-item rows | all rows | training options | chosen on |", "|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {t['run']} | {t['next_item_rows']} | {t['all_rows']} | {', '.join(f'{k}={v}' for k, v in t['options'].items())} | "
+                  f"{t['options_chosen_on']} |" for name, t in training.items()] + [""]
     for protocol, rows in chosen.items():
-        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | candidate orders (test scoring s) | "
+        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | candidate orders (scoring s) | "
                   "Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style at equal next-item rows (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
-            cost = f"{r['eval_permutations']} ({r['scoring_s'].get('test', 0):.0f})" if r.get("eval_permutations") else "—"
+            if "users_shown_their_own_index" in r:
+                name += f" ({r['users_shown_their_own_index']} users shown their own)"
             lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {r['tied_gold_users']} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
-                         f"{r['overall']['ndcg@10']:.4f} | {cost} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
+                         f"{r['overall']['ndcg@10']:.4f} | {cost_text(r)} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
+        if contrasts.get(protocol):
+            lines += ["", "| paired contrast (same users) | measures | Δ rank N@10 (95 % CI) |", "|---|---|---|"]
+            lines += [f"| {c['row']} − {c['baseline']} | {c['measures']} | {ci_text(c)} |" for c in contrasts[protocol]]
         lines.append("")
     return lines
+
+
+def cost_text(r: dict) -> str:
+    """'k (seconds)': the candidate orders and the test scoring's seconds (or the whole evaluate stage's, for part 1's runs)."""
+    if not r.get("eval_permutations"):
+        return "—"
+    seconds = r["scoring_s"] or {}
+    if "test" in seconds:
+        return f"{r['eval_permutations']} ({seconds['test']:.0f})"
+    stage = seconds.get("evaluate stage")
+    return f"{r['eval_permutations']} (evaluate stage {stage:.0f})" if stage else str(r["eval_permutations"])
 
 
 def main() -> int:

@@ -19,12 +19,14 @@ def stage_flags(stage: str, overrides: list[str]) -> list[str]:
 NO_ALIGN_TASKS = stage_flags("tasks", NO_ALIGN)  # `ulmrec tasks` without any alignment task (the ablation's wo_all_align)
 
 
-def stage(name: str, run: Path, flags: list[str], recipe: Path | None = None, lock: str | None = None, label: str | None = None) -> float:
+def stage(name: str, run: Path, flags: list[str], recipe: Path | None = None, lock: str | None = None, label: str | None = None,
+          wall: tuple[Path, str] | None = None) -> float:
     """Run `ulmrec <name>` on `run` (with `recipe`'s section first, when given); its seconds. With `lock`, the stage
-    holds that file lock (flock) so that other jobs on a small machine run between stages; waiting is not counted."""
+    holds that file lock (flock) so that other jobs on a small machine run between stages; waiting is not counted.
+    With `wall` (file, key), the seconds are added to that wall-time file, those of a killed attempt included."""
     from ulmrec_hf.runner import run_stage
 
-    with held(lock):
+    with held(lock), wall_clock(*wall) if wall else contextlib.nullcontext():
         start = time.time()
         print(f"== {label or Path(run).name}: ulmrec {name} {' '.join(flags)}", flush=True)
         run_stage(name, [*(["--config", str(recipe)] if recipe else []), "--run_dir", str(run), *flags])
@@ -48,6 +50,44 @@ def add_wall(path: Path, key: str, seconds: float) -> dict:
     wall[key] = round(wall.get(key, 0) + seconds, 1)
     Path(path).write_text(json.dumps(wall, indent=2) + "\n")
     return wall
+
+
+@contextlib.contextmanager
+def wall_clock(path: Path, key: str, beat: float = 30.0):
+    """Add the block's seconds to the wall-time file `path` under `key`, also when the process is killed inside it: a
+    heartbeat file beside it (`<path>.running`) keeps each running block's seconds so far, and the next block with the
+    same key adds what a killed attempt left there (to within `beat` seconds)."""
+    import threading
+
+    running = Path(f"{path}.running")
+    left = _pop_running(running, key)
+    if left:
+        add_wall(path, key, left)
+    start, stop = time.time(), threading.Event()
+
+    def heartbeat():
+        while not stop.wait(beat):
+            beats = json.loads(running.read_text()) if running.exists() else {}
+            running.write_text(json.dumps({**beats, key: round(time.time() - start, 1)}) + "\n")
+
+    thread = threading.Thread(target=heartbeat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        _pop_running(running, key)
+        add_wall(path, key, round(time.time() - start, 1))
+
+
+def _pop_running(running: Path, key: str) -> float:
+    """Remove `key` from a heartbeat file; the seconds it held (0 when none)."""
+    beats = json.loads(running.read_text()) if running.exists() else {}
+    seconds = beats.pop(key, 0)
+    if running.exists():
+        running.write_text(json.dumps(beats) + "\n")
+    return seconds
 
 
 def per_user(run: Path) -> dict:
