@@ -18,7 +18,10 @@ Three parts, each resumable:
    `candidate_permutations` stays 1 (it multiplies the training rows): this CPU budget allows no more trainings.
 3. The test table, run once, with what validation chose: zero-shot, LlamaRec-style and ULMRec (every alignment task), ULMRec
    with none, LlamaRec-style and ULMRec with 4x the next-item rows; uid-only, swapped-index and random-order rows of ULMRec.
-Paired 95 % CIs of per-user rank NDCG@10 against LRURec and against LlamaRec-style at equal next-item rows.
+   A row whose chosen settings are part 1's (the paper's options, one candidate order) is part 1's evaluation, not a
+   second scoring of the same test users.
+Paired 95 % CIs of per-user rank NDCG@10 against LRURec and against LlamaRec-style at equal next-item rows, and paired
+contrasts for the rows' own questions (the alignment tasks, 4x rows, the user's own index against another user's).
 
 Usage: python bench/beauty_quality.py [--train_samples 400] [--eval_users 8000] [--validation_users 4000] [--report_only]
 Environment: ULMREC_BENCH_RUNS=DIR keeps the runs outside the checkout; ULMREC_BENCH_LOCK=FILE makes each stage hold that
@@ -258,8 +261,8 @@ def eval_flags(name: str, model: str, chosen: dict, protocol: str) -> list[str]:
 
 
 def part_one(name: str, chosen: dict, protocol: str) -> bool:
-    """Whether part 1 already scored this row on test with exactly what validation chose (the paper's options, one
-    candidate order, no uid-only rows), so that its test users are not scored a second time."""
+    """Whether part 1 already scored this row on test with what validation chose (the paper's options, one candidate
+    order; its tasks hold no uid-only prompts), so that its test users are not scored a second time."""
     return name in ("zero_shot", "llamarec") and chosen[name]["options"] == DEFAULTS and orders(chosen, name, protocol) == 1
 
 
@@ -354,6 +357,8 @@ def chosen_rows(protocol: str, chosen: dict) -> tuple[dict, list[str]]:
         cost = scoring_cost(run, metrics)
         out[label] = (users["ranker"], {**metrics["test"]["ranker"], **cost}, None, equal)
         out[f"{label} + LRURec fused"] = (users["fused"], {**metrics["test"]["fused"], **cost}, metrics["fusion"]["weight"], equal)
+        if name == "ulmrec_pid" and "uid_only" not in users:
+            pending.append(f"{run.relative_to(RUNS)}: the uid-only rows (evaluated without them)")
         for row, text in UID_ROWS.items() if name == "ulmrec_pid" and "uid_only" in users else ():
             key = "random_order" if row == "random_order" else f"ranker_{row}"
             seconds = metrics["scoring"]["seconds"].get(f"test {row}")
@@ -373,8 +378,8 @@ def chosen_table() -> tuple[dict, dict, list[str]]:
     """Part 3's rows per protocol with paired CIs against LRURec and LlamaRec-style; its paired contrasts per protocol;
     the runs not finished yet."""
     results, contrasts, pending = {}, {}, []
-    chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else None
-    if chosen is None:
+    chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+    if not selection_complete(chosen):
         return results, contrasts, ["the selection (part 2)"]
     for protocol in PROTOCOLS:
         rows, missing = chosen_rows(protocol, chosen)
@@ -392,10 +397,16 @@ def chosen_table() -> tuple[dict, dict, list[str]]:
     return results, contrasts, pending
 
 
+def selection_complete(chosen: dict) -> bool:
+    """Whether part 2 has chosen every model's options and its candidate orders in both protocols."""
+    steps = lambda model: {s["step"] for s in chosen[model].get("steps", [])}  # noqa: E731
+    return all(model in chosen and {f"eval_permutations ({p})" for p in PROTOCOLS} <= steps(model) for model in STEPS)
+
+
 def chosen_training(chosen: dict | None) -> dict:
     """Rows and training options of each trained row of part 3 (read from its run), and where its options come from."""
     out = {}
-    if chosen is None:
+    if not chosen or not selection_complete(chosen):
         return out
     for name, model in {"llamarec": "llamarec", "ulmrec_pid": "ulmrec_pid", **OWN}.items():
         run = RUNS / (chosen[name]["run"] if name in chosen else f"chosen/paper/{name}")

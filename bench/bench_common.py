@@ -46,9 +46,11 @@ def held(lock: str | None):
 
 def add_wall(path: Path, key: str, seconds: float) -> dict:
     """Add a stage's seconds to a JSON file of wall times (a stage resumed over several calls adds up); the file's dict."""
+    from ulmrec_hf.common import write_json
+
     wall = json.loads(Path(path).read_text()) if Path(path).exists() else {}
     wall[key] = round(wall.get(key, 0) + seconds, 1)
-    Path(path).write_text(json.dumps(wall, indent=2) + "\n")
+    write_json(Path(path), wall)
     return wall
 
 
@@ -56,19 +58,21 @@ def add_wall(path: Path, key: str, seconds: float) -> dict:
 def wall_clock(path: Path, key: str, beat: float = 30.0):
     """Add the block's seconds to the wall-time file `path` under `key`, also when the process is killed inside it: a
     heartbeat file beside it (`<path>.running`) keeps each running block's seconds so far, and the next block with the
-    same key adds what a killed attempt left there (to within `beat` seconds)."""
+    same key adds what a killed attempt left there (to within `beat` seconds). Both files are written atomically under
+    a lock (`<path>.lock`), so processes sharing them do not lose each other's updates."""
     import threading
 
     running = Path(f"{path}.running")
-    left = _pop_running(running, key)
-    if left:
-        add_wall(path, key, left)
+    with held(f"{path}.lock"):
+        left = _set_running(running, key, None)
+        if left:
+            add_wall(path, key, left)
     start, stop = time.time(), threading.Event()
 
     def heartbeat():
         while not stop.wait(beat):
-            beats = json.loads(running.read_text()) if running.exists() else {}
-            running.write_text(json.dumps({**beats, key: round(time.time() - start, 1)}) + "\n")
+            with held(f"{path}.lock"):
+                _set_running(running, key, round(time.time() - start, 1))
 
     thread = threading.Thread(target=heartbeat, daemon=True)
     thread.start()
@@ -77,17 +81,21 @@ def wall_clock(path: Path, key: str, beat: float = 30.0):
     finally:
         stop.set()
         thread.join()
-        _pop_running(running, key)
-        add_wall(path, key, round(time.time() - start, 1))
+        with held(f"{path}.lock"):
+            _set_running(running, key, None)
+            add_wall(path, key, round(time.time() - start, 1))
 
 
-def _pop_running(running: Path, key: str) -> float:
-    """Remove `key` from a heartbeat file; the seconds it held (0 when none)."""
+def _set_running(running: Path, key: str, seconds: float | None) -> float:
+    """Set (or, with None, remove) `key` in a heartbeat file; the seconds it held before (0 when none)."""
+    from ulmrec_hf.common import write_json
+
     beats = json.loads(running.read_text()) if running.exists() else {}
-    seconds = beats.pop(key, 0)
-    if running.exists():
-        running.write_text(json.dumps(beats) + "\n")
-    return seconds
+    before = beats.pop(key, 0)
+    if seconds is not None:
+        beats[key] = seconds
+    write_json(running, beats)
+    return before
 
 
 def per_user(run: Path) -> dict:

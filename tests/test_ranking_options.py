@@ -178,6 +178,20 @@ def test_permutation_average_is_each_items_mean_log_probability_over_its_positio
     assert got.dtype == np.float32 and (got.argmax(1) == 2).all()  # the letter-A bias averages out, the item's preference stays
 
 
+def test_one_key_seeds_a_users_shuffled_order_and_extra_orders(monkeypatch):
+    import random
+
+    from ulmrec_hf import prompts
+
+    assert prompts.user_key(42, "test", 7) == "42-test-7"  # the spelling stored results and served rankings were seeded with
+    monkeypatch.setattr(prompts, "next_item_row", lambda builder, user, history, cands, target, **extra: cands)
+    row = {"user_id": 7, "candidates": list(range(20)), "scores": [0.0] * 20, "history": [], "target": 3, "target_rank": 4}
+    expected = list(range(20))
+    random.Random("42-test-7").shuffle(expected)
+    assert prompts.eval_row(None, "shuffled", row, None, 42, "test") == expected != list(range(20))
+    assert prompts.eval_row(None, "retriever", row, None, 42, "test") == list(range(20))
+
+
 def test_a_permuted_prompt_moves_whole_candidate_lines():
     prompt = "### Instruction:\nI\n### Input:\nUser: <a_1>\nCandidates:\n(A) one (big)\n(B) two\n(C) three\n### Response:\n"
     assert permuted_prompt(prompt, [0, 1, 2]) == prompt

@@ -105,6 +105,9 @@ def test_an_alias_keeps_its_row_in_the_ablation_table():
     row = {"test": {"ranker": metrics}, "protocol": {"eval_order": "retriever"}}
     table = ablation_table({"wo_all_align": row, "pid_wo_align": row})
     assert "| pid_wo_align (= wo_all_align, trained once) | 0.2500 |" in table and "| wo_all_align | 0.2500 |" in table
+    assert table.count("| — (not scored) | — (not scored) | — (not scored) |") == 2
+    uid = {"ranker_uid_only": {"rank": {"ndcg@10": 0.3}}, "ranker_uid_only_swapped_index": {"rank": {"ndcg@10": 0.2}}, "random_order": {"rank": {"ndcg@10": 0.1}}}
+    assert "| 0.3000 | 0.2000 | 0.1000 |" in ablation_table({"full": {**row, "test": {**row["test"], **uid}}})
 
 
 def test_ablation_variants():
@@ -120,3 +123,22 @@ def test_ablation_variants():
         parsed = split_overrides(overrides)
         for stage, key, _ in parsed:
             parse_stage(stage, [f"--{key}", "nid" if key == "scheme" else "false"])
+
+
+def test_an_ablations_base_run_computes_only_what_variants_link(tmp_path, monkeypatch):
+    """The base run stops before tasks: every variant trains and evaluates in its own folder, so a variant-only flag
+    (here --evaluate.uid_only) never meets the base run's own evaluation."""
+    import ulmrec_hf.runner as runner
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "demo" / "smollm2-135m" / "pipeline.yaml"
+    ran = []
+    run_of = lambda argv: Path(argv[len(argv) - argv[::-1].index("--run_dir")]).name if "--run_dir" in argv else "demo"  # noqa: E731 (the last one counts)
+    monkeypatch.setattr(runner, "run_stage", lambda name, argv: ran.append((run_of(argv), name, argv)))
+    metrics = {"rank": {"ndcg@10": 0.25, "recall@10": 0.5}, "overall": {"ndcg@10": 0.05, "recall@10": 0.1}}
+    monkeypatch.setattr(runner.RunDir, "eval_metrics", lambda self: {"test": {"ranker": metrics}, "protocol": {"eval_order": "shuffled"}})
+    (tmp_path / "demo").mkdir()
+    runner.ablate([str(recipe), "--variants", "full", "nid", "--evaluate.uid_only", "true", "--run_dir", str(tmp_path / "demo")])
+    assert [name for run, name, _ in ran if run == "demo"] == ["demo-data", "prepare", "retrieve", "preferences", "index"]
+    assert [(run, name) for run, name, _ in ran if run != "demo"] == [("full", "tasks"), ("full", "train"), ("full", "evaluate"),
+                                                                      ("nid", "index"), ("nid", "tasks"), ("nid", "train"), ("nid", "evaluate")]
+    assert all(argv[argv.index("--uid_only") + 1] == "true" for run, name, argv in ran if name == "evaluate")

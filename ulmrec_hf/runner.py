@@ -205,13 +205,13 @@ def check_overrides(overrides, stages: list[str]) -> None:
             raise UlmrecError(f"--{key}: {misplaced(key)}; give it as --<stage>.{key} or in the recipe")
 
 
-def run_recipe(recipe_path: str, argv: list[str]) -> Path:
-    """Every stage of the recipe in order; finished stages with the same settings are skipped."""
+def run_recipe(recipe_path: str, argv: list[str], skip: tuple[str, ...] = ()) -> Path:
+    """Every stage of the recipe in order but those in `skip`; finished stages with the same settings are skipped."""
     recipe = load_recipe(recipe_path)
     stages = recipe.get("stages") or PIPELINE
     overrides = split_overrides(argv)
     check_overrides(overrides, stages)
-    for name in stages:
+    for name in (s for s in stages if s not in skip):
         logger.info("=== stage: %s", name)
         run_stage(name, stage_argv(name, recipe_path, overrides))
     run_dir = Path(override_value(overrides, "run_dir", recipe.get("run_dir", "runs/demo")))
@@ -243,6 +243,7 @@ VARIANTS = {
 }
 ALIASES = {"pid_wo_align": "wo_all_align"}  # the same model under Fig. 9's name: trained once
 SHARED_STAGES = ("prepare", "retrieve", "preferences")
+VARIANT_STAGES = ("tasks", "train", "evaluate")  # every variant computes these in its own folder (the base run does not)
 
 
 def variant_overrides(names: list[str]) -> dict[str, list[str]]:
@@ -258,7 +259,7 @@ def stages_for(overrides: list[str]) -> list[str]:
     """The stages a variant computes in its own folder: the index when it overrides an index option (another scheme),
     then tasks, train and evaluate; the rest is linked from the base run."""
     redo_index = any(o.startswith("--index.") for o in overrides)
-    return (["index"] if redo_index else []) + ["tasks", "train", "evaluate"]
+    return (["index"] if redo_index else []) + list(VARIANT_STAGES)
 
 
 def link_shared(base: Path, variant: Path, stages: tuple[str, ...]) -> None:
@@ -272,7 +273,7 @@ def link_shared(base: Path, variant: Path, stages: tuple[str, ...]) -> None:
 
 def run_ablation(recipe_path: str, names: list[str], argv: list[str]) -> Path:
     recipe = load_recipe(recipe_path)
-    base = run_recipe(recipe_path, argv)  # finished stages are skipped
+    base = run_recipe(recipe_path, argv, skip=VARIANT_STAGES)  # the stages variants link; finished ones are skipped
     root = Path(f"{base}-ablate")
     results = {}
     for name, extra in variant_overrides(names).items():
@@ -297,10 +298,10 @@ def run_ablation(recipe_path: str, names: list[str], argv: list[str]) -> Path:
 def ablation_table(results: dict) -> str:
     lines = ["| variant | rank N@10 | rank R@10 | overall N@10 | overall R@10 | uid-only rank N@10 | uid-only, swapped index | random order |",
              "|---|---|---|---|---|---|---|---|"]
-    nan = {"rank": {"ndcg@10": float("nan")}}
     for name, r in results.items():
         m = r["test"]["ranker"]
-        uid = " | ".join(f"{r['test'].get(row, nan)['rank']['ndcg@10']:.4f}" for row in ("ranker_uid_only", "ranker_uid_only_swapped_index", "random_order"))
+        uid = " | ".join(f"{r['test'][row]['rank']['ndcg@10']:.4f}" if row in r["test"] else "— (not scored)"
+                         for row in ("ranker_uid_only", "ranker_uid_only_swapped_index", "random_order"))
         label = f"{name} (= {ALIASES[name]}, trained once)" if name in ALIASES else name
         lines.append(f"| {label} | {m['rank']['ndcg@10']:.4f} | {m['rank']['recall@10']:.4f} | {m['overall']['ndcg@10']:.4f} | "
                      f"{m['overall']['recall@10']:.4f} | {uid} |")
