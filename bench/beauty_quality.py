@@ -253,6 +253,16 @@ def orders(chosen: dict, model: str, protocol: str) -> int:
     return int(next(s["chosen"] for s in chosen[model]["steps"] if s["step"] == f"eval_permutations ({protocol})"))
 
 
+def gpu_options(chosen: dict) -> dict:
+    """What validation chose, as bench/gpu_beauty.py's --options (GPU_BEAUTY_OPTIONS): each model's training options and
+    its candidate orders in the paper protocol, the protocol that bench scores."""
+    out = {model: {"evaluate": {"eval_permutations": orders(chosen, model, "paper")}} for model in STEPS}
+    for model in STEPS:
+        if model != "zero_shot":
+            out[model]["train"] = chosen[model]["options"]
+    return out
+
+
 # -- part 3: the test table with what validation chose -------------------------------------------------------------
 def eval_flags(name: str, model: str, chosen: dict, protocol: str) -> list[str]:
     """Evaluate flags of run `name` (trained as `model`): the orders validation chose; uid-only rows for ULMRec's main row."""
@@ -546,7 +556,14 @@ def main() -> int:
     parser.add_argument("--eval_users", type=int, default=8000, help="Test users sampled (about 13%% have the ground truth in the top 20).")
     parser.add_argument("--validation_users", type=int, default=4000)
     parser.add_argument("--report_only", action="store_true", help="Write the tables of what has finished, run nothing.")
+    parser.add_argument("--gpu_options", action="store_true", help="Print the options validation chose as bench/gpu_beauty.py's --options JSON.")
     args = parser.parse_args()
+    if args.gpu_options:
+        chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+        if not selection_complete(chosen):
+            raise SystemExit(f"{SELECTION}: part 2 has not chosen every option yet")
+        print(json.dumps(gpu_options(chosen)))
+        return 0
     if not DATA.exists():
         print(f"skip: {DATA} is absent")
         return 0

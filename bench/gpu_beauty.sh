@@ -12,7 +12,8 @@
 #      carry: [".carry/call-1"]   timeout_s: 120
 #      (unpacks the base, installs the wheels under /tmp/gpu-beauty/site, imports every stage: a failure shows here)
 #   2. command: export CALL_START=$(date +%s); bench/gpu_beauty.sh part 2 && bench/gpu_beauty.sh run 420
-#      (GPU_BEAUTY_OPTIONS='{"ulmrec_pid": {"train": {...}}}' passes the options chosen on validation: gpu_beauty.py --options)
+#      (GPU_BEAUTY_OPTIONS='{"ulmrec_pid": {"train": {...}}}' passes the options chosen on validation: gpu_beauty.py --options;
+#      `python bench/beauty_quality.py --gpu_options` prints them from the CPU bench's selection)
 #      carry: [".carry/call-2"]   timeout_s: 480
 #      (reassembles and checks the GGUF, runs bench/gpu_beauty.py with a 390 s deadline, then bench/gpu_speed.py if
 #      120 s of the 420 remain; $OUT: gpu_beauty.{json,md}, gpu_beauty_runs.tar.gz (logs, metrics, per-user ranks,

@@ -127,6 +127,17 @@ def fake_selection(k_shuffled_llamarec: int = 1) -> dict:
                           "steps": steps(1)}}
 
 
+def test_beauty_quality_gives_the_gpu_bench_what_validation_chose():
+    bq, gb = load_script("beauty_quality"), load_script("gpu_beauty")
+    options = bq.gpu_options(fake_selection())
+    assert options["ulmrec_pid"] == {"evaluate": {"eval_permutations": 1},
+                                     "train": {"next_item_loss": "letters", "loss_normalization": "sample", "index_token_init": "mean"}}
+    assert options["zero_shot"] == {"evaluate": {"eval_permutations": 1}}
+    merged = gb.merged(gb.OPTIONS, options)  # as gpu_beauty.py --options reads them
+    assert gb.option_flags(merged, "ulmrec_pid", "train") == ["--next_item_loss", "letters", "--loss_normalization", "sample", "--index_token_init", "mean"]
+    assert gb.option_flags(merged, "llamarec", "train") == ["--next_item_loss", "lm", "--loss_normalization", "token", "--index_token_init", "mean"]
+
+
 def test_beauty_quality_part_three_scores_each_test_row_once(monkeypatch, tmp_path):
     bq = load_script("beauty_quality")
     calls = []
