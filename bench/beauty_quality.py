@@ -424,7 +424,7 @@ def chosen_training(chosen: dict | None) -> dict:
             continue
         mix = RunDir(run).mixture()
         out[name] = {"run": str(run.relative_to(RUNS)), "next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"],
-                     "options": chosen[model]["options"], "options_chosen_on": "its own validation" if name in chosen else f"{model}'s validation (400 rows)"}
+                     "options": chosen[model]["options"], "options_chosen_on": "its own validation" if name in chosen else f"{model}'s validation (its part-2 rows; not validated again)"}
     return out
 
 

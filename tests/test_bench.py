@@ -79,7 +79,7 @@ def test_beauty_quality_paired_interval_and_table():
                "chosen": {"paper": {"ULMRec": {**row(None, None), "vs_llamarec_equal_rows": None}}}, "pending": ["chosen/paper/llamarec_x4"],
                "contrasts": {"paper": [{"row": "ULMRec", "baseline": "ULMRec, no alignment", "measures": "the alignment tasks", **p}]},
                "chosen_training": {"llamarec_x4": {"run": "chosen/paper/llamarec_x4", "next_item_rows": 1600, "all_rows": 1600,
-                                                   "options": {"next_item_loss": "lm"}, "options_chosen_on": "llamarec's validation (400 rows)"}}}
+                                                   "options": {"next_item_loss": "lm"}, "options_chosen_on": "llamarec's validation (its part-2 rows; not validated again)"}}}
     table = bq.markdown(summary)
     assert "400 next-item + 120 alignment rows" in table and "total wall time 10 min" in table
     assert "| ulmrec_pid + LRURec fused (w=0.35) | 0.4000 | 0.4100 | 0.4161 | 3 | 0.7000 | 0.3000 | 0.4000 | +0.0750 [" in table
@@ -87,7 +87,7 @@ def test_beauty_quality_paired_interval_and_table():
     assert "rank N@10 0.4445, overall N@10 0.0585" in table
     assert "| ulmrec_pid | loss | b | 0.3500 | +0.0500 (0.0100) | **yes** |" in table and "| ulmrec_pid | loss | a | 0.3000 |" in table
     assert "| ULMRec | 0.4000 | 3 | 0.7000 | 0.3000 | 0.4000 | — | +0.0750 [" in table
-    assert "| llamarec_x4 | chosen/paper/llamarec_x4 | 1600 | 1600 | next_item_loss=lm | llamarec's validation (400 rows) |" in table
+    assert "| llamarec_x4 | chosen/paper/llamarec_x4 | 1600 | 1600 | next_item_loss=lm | llamarec's validation (its part-2 rows; not validated again) |" in table
     assert table.rstrip().endswith("| ULMRec − ULMRec, no alignment | the alignment tasks | +0.0750 [-0.0188, +0.1688] |")
     assert "Not finished yet: chosen/paper/llamarec_x4." in table
 
