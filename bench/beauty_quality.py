@@ -78,6 +78,11 @@ def stage(name: str, run: Path, flags: list[str]) -> None:
     run_timed(name, run, flags, recipe=RECIPE, lock=STAGE_LOCK, label=str(run.relative_to(RUNS)), wall=(WALL, f"{run.relative_to(RUNS)}/{name}"))
 
 
+def read_selection() -> dict:
+    """Part 2's record of what validation chose ({} before it starts)."""
+    return json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+
+
 def read_wall() -> dict:
     return json.loads(WALL.read_text()) if WALL.exists() else {}
 
@@ -234,7 +239,7 @@ def orders_step(model: str, run: Path, protocol: str) -> dict:
 
 def selection() -> dict:
     """Part 2 for every model, kept in select/selection.json as it goes; then each protocol's eval_permutations."""
-    chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+    chosen = read_selection()
     for model in STEPS:
         if model not in chosen:
             chosen[model] = select(model)
@@ -388,7 +393,7 @@ def chosen_table() -> tuple[dict, dict, list[str]]:
     """Part 3's rows per protocol with paired CIs against LRURec and LlamaRec-style; its paired contrasts per protocol;
     the runs not finished yet."""
     results, contrasts, pending = {}, {}, []
-    chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+    chosen = read_selection()
     if not selection_complete(chosen):
         return results, contrasts, ["the selection (part 2)"]
     for protocol in PROTOCOLS:
@@ -454,7 +459,7 @@ def report(args) -> dict:
                "training": {m: {"next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"], "tasks": mix["tasks"]}
                             for m, mix in mixtures.items()},
                "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": wall, "wall_s_total": round(sum(wall.values()), 1),
-               "results": results, "selection": json.loads(SELECTION.read_text()) if SELECTION.exists() else None}
+               "results": results, "selection": read_selection()}
     summary["chosen"], summary["contrasts"], summary["pending"] = chosen_table()
     summary["chosen_training"] = chosen_training(summary["selection"])
     (ROOT / "bench" / "results" / "beauty_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -559,7 +564,7 @@ def main() -> int:
     parser.add_argument("--gpu_options", action="store_true", help="Print the options validation chose as bench/gpu_beauty.py's --options JSON.")
     args = parser.parse_args()
     if args.gpu_options:
-        chosen = json.loads(SELECTION.read_text()) if SELECTION.exists() else {}
+        chosen = read_selection()
         if not selection_complete(chosen):
             raise SystemExit(f"{SELECTION}: part 2 has not chosen every option yet")
         print(json.dumps(gpu_options(chosen)))
