@@ -351,6 +351,10 @@ UID_ROWS = {"uid_only": "ULMRec uid-only (index + candidates)", "uid_only_swappe
 CONTRASTS = [("ULMRec", "ULMRec, no alignment", "the alignment tasks"),
              (f"LlamaRec-style, {X4}x rows", "LlamaRec-style", f"{X4}x next-item rows, LlamaRec-style"),
              (f"ULMRec, {X4}x rows", "ULMRec", f"{X4}x next-item rows, ULMRec"),
+             ("ULMRec", UID_ROWS["uid_only"], "the history (ULMRec's prompts with vs without it)"),
+             ("ULMRec", UID_ROWS["random_order"], "ULMRec vs a random order"),
+             ("zero-shot", "ULMRec", "the untuned base vs ULMRec"),
+             ("zero-shot", UID_ROWS["random_order"], "the untuned base vs a random order"),
              (UID_ROWS["uid_only"], UID_ROWS["uid_only_swapped_index"], "the user's own index (vs another user's)"),
              (UID_ROWS["uid_only"], UID_ROWS["random_order"], "uid-only ranking vs a random order"),
              (UID_ROWS["uid_only_swapped_index"], UID_ROWS["random_order"], "another user's index vs a random order")]
@@ -369,9 +373,10 @@ def chosen_rows(protocol: str, chosen: dict) -> tuple[dict, list[str]]:
         equal = f"LlamaRec-style, {X4}x rows" if name.endswith(f"_x{X4}") else "LlamaRec-style"
         if not out:
             out["LRURec order"] = (users["retriever"], metrics["test"]["retriever"], None, None)
-        cost = scoring_cost(run, metrics)
-        out[label] = (users["ranker"], {**metrics["test"]["ranker"], **cost}, None, equal)
-        out[f"{label} + LRURec fused"] = (users["fused"], {**metrics["test"]["fused"], **cost}, metrics["fusion"]["weight"], equal)
+        cost, validation = scoring_cost(run, metrics), {"validation_rank_ndcg@10": metrics["validation"]["ranker"]["rank"]["ndcg@10"]}
+        out[label] = (users["ranker"], {**metrics["test"]["ranker"], **cost, **validation}, None, equal)
+        fused = {**metrics["test"]["fused"], **cost, "fusion_validation": fusion_validation(metrics["fusion"])}
+        out[f"{label} + LRURec fused"] = (users["fused"], fused, metrics["fusion"]["weight"], equal)
         if name == "ulmrec_pid" and "uid_only" not in users:
             pending.append(f"{run.relative_to(RUNS)}: the uid-only rows (evaluated without them)")
         for row, text in UID_ROWS.items() if name == "ulmrec_pid" and "uid_only" in users else ():
@@ -380,6 +385,15 @@ def chosen_rows(protocol: str, chosen: dict) -> tuple[dict, list[str]]:
             uid_cost = {"eval_permutations": cost["eval_permutations"], "scoring_s": {"test": seconds}} if seconds else {}
             out[text] = (users[row], {**metrics["test"][key], **uid_cost}, None, equal)
     return out, pending
+
+
+def fusion_validation(fusion: dict) -> dict:
+    """Why a fused row has its weight: validation rank NDCG@10 at w = 0 (LRURec alone), at the chosen w and at the best w."""
+    grid = fusion["validation_ndcg@10_by_weight"]
+    at = lambda w: grid[str(float(w))]  # noqa: E731
+    return {"chosen_weight": fusion["weight"], "best_weight": fusion["best_weight"], "ndcg@10_w0": at(0), "ndcg@10_chosen": at(fusion["weight"]),
+            "ndcg@10_best": at(fusion["best_weight"]), "best_minus_w0": round(at(fusion["best_weight"]) - at(0), 6),
+            "paired_se_w0_vs_best": fusion["paired_se_vs_best"]["0.0"], "rule": fusion["chosen_on"]}
 
 
 def scoring_cost(run: Path, metrics: dict) -> dict:
@@ -404,6 +418,7 @@ def chosen_table() -> tuple[dict, dict, list[str]]:
         lrurec = rows["LRURec order"][0]
         results[protocol] = {label: {"rank": m["rank"], "overall": m["overall"], "fusion_weight": w, "tied_gold_users": m["tied_gold_users"],
                                      "eval_permutations": m.get("eval_permutations"), "scoring_s": m.get("scoring_s"),
+                                     **{k: m[k] for k in ("validation_rank_ndcg@10", "fusion_validation") if k in m},
                                      **({"users_shown_their_own_index": m["users_shown_their_own_index"]} if "users_shown_their_own_index" in m else {}),
                                      "vs_lrurec": paired(v, lrurec), "vs_llamarec_equal_rows": paired(v, rows[equal][0]) if equal in rows else None,
                                      "llamarec_row": equal} for label, (v, m, w, equal) in rows.items()}
@@ -428,7 +443,8 @@ def chosen_training(chosen: dict | None) -> dict:
         if not RunDir(run).is_complete("tasks"):
             continue
         mix = RunDir(run).mixture()
-        out[name] = {"run": str(run.relative_to(RUNS)), "next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"],
+        steps = json.loads(RunDir(run).ranker_files.train_metrics.read_text())["steps"] if RunDir(run).is_complete("train") else None
+        out[name] = {"run": str(run.relative_to(RUNS)), "next_item_rows": mix["next_item_samples"], "all_rows": mix["train_samples"], "steps": steps,
                      "options": chosen[model]["options"], "options_chosen_on": "its own validation" if name in chosen else f"{model}'s validation (its part-2 rows; not validated again)"}
     return out
 
@@ -488,7 +504,7 @@ def markdown(s: dict) -> str:
              "instead of the training titles' keywords", ""]
     for protocol, rows in s["results"].items():
         order = "the retriever's order (A = LRURec's top-1)" if protocol == "paper" else "a seeded shuffle"
-        lines += [f"## Protocol `{protocol}`: candidates in {order}", "",
+        lines += [f"## Protocol `{protocol}`: candidates in {order}; every model with the paper's training options (before part 2's selection)", "",
                   "| row | rank N@10 | old rule | v0.2.0 | tied | rank R@10 | rank MRR@10 | overall N@10 | Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style (95 % CI) |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
@@ -500,7 +516,8 @@ def markdown(s: dict) -> str:
     paper = s["paper_metrics"]
     lines.append(f"For scale, the authors' released Llama-2-7b checkpoint on all test users with their own LRURec candidates: "
                  f"rank N@10 {paper['rank_subset']['test_NDCG@10']:.4f}, overall N@10 {paper['overall']['test_NDCG@10']:.4f}.")
-    return "\n".join(lines + selection_markdown(s["selection"]) + chosen_markdown(s["chosen"], s["contrasts"], s["pending"], s["chosen_training"])) + "\n"
+    return "\n".join(lines + selection_markdown(s["selection"]) + chosen_markdown(s["chosen"], s["contrasts"], s["pending"], s["chosen_training"])
+                     + part_three_times(s["wall_s"])) + "\n"
 
 
 def selection_markdown(selection: dict | None) -> list[str]:
@@ -522,23 +539,54 @@ def chosen_markdown(chosen: dict, contrasts: dict, pending: list[str], training:
     if pending:
         lines += [f"Not finished yet: {', '.join(pending)}.", ""]
     if training:
-        lines += ["| trained row | run | next-item rows | all rows | training options | chosen on |", "|---|---|---|---|---|---|"]
-        lines += [f"| {name} | {t['run']} | {t['next_item_rows']} | {t['all_rows']} | {', '.join(f'{k}={v}' for k, v in t['options'].items())} | "
+        lines += ["| trained row | run | next-item rows | all rows | steps | training options | chosen on |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {name} | {t['run']} | {t['next_item_rows']} | {t['all_rows']} | {t.get('steps') or '—'} | {', '.join(f'{k}={v}' for k, v in t['options'].items())} | "
                   f"{t['options_chosen_on']} |" for name, t in training.items()] + [""]
     for protocol, rows in chosen.items():
-        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | candidate orders (scoring s) | "
-                  "Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style at equal next-item rows (95 % CI) |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"### Protocol `{protocol}`", "", "| row | rank N@10 | tied | rank R@10 | rank MRR@10 | overall N@10 | validation rank N@10 | "
+                  "candidate orders (scoring s) | Δ vs LRURec (95 % CI) | Δ vs LlamaRec-style at equal next-item rows (95 % CI) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for label, r in rows.items():
             name = f"{label} (w={r['fusion_weight']:g})" if r["fusion_weight"] is not None else label
             if "users_shown_their_own_index" in r:
                 name += f" ({r['users_shown_their_own_index']} users shown their own)"
             lines.append(f"| {name} | {r['rank']['ndcg@10']:.4f} | {r['tied_gold_users']} | {r['rank']['recall@10']:.4f} | {r['rank']['mrr@10']:.4f} | "
-                         f"{r['overall']['ndcg@10']:.4f} | {cost_text(r)} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
+                         f"{r['overall']['ndcg@10']:.4f} | {validation_text(r)} | {cost_text(r)} | {ci_text(r['vs_lrurec'])} | {ci_text(r['vs_llamarec_equal_rows'])} |")
+        lines += fusion_markdown(rows)
         if contrasts.get(protocol):
             lines += ["", "| paired contrast (same users) | measures | Δ rank N@10 (95 % CI) |", "|---|---|---|"]
             lines += [f"| {c['row']} − {c['baseline']} | {c['measures']} | {ci_text(c)} |" for c in contrasts[protocol]]
         lines.append("")
     return lines
+
+
+def validation_text(r: dict) -> str:
+    """A row's validation rank NDCG@10: the ranker's, or the fused row's at its chosen weight; '—' for rows not scored there."""
+    if "fusion_validation" in r:
+        return f"{r['fusion_validation']['ndcg@10_chosen']:.4f}"
+    return f"{r['validation_rank_ndcg@10']:.4f}" if "validation_rank_ndcg@10" in r else "—"
+
+
+def fusion_markdown(rows: dict) -> list[str]:
+    """Why each fused row has its weight: the validation figures the weight was chosen on."""
+    fused = {label: r["fusion_validation"] for label, r in rows.items() if "fusion_validation" in r}
+    if not fused:
+        return []
+    lines = ["", f"Fusion weights, chosen on {next(iter(fused.values()))['rule']}:", "",
+             "| fused row | chosen w | validation N@10 at w = 0 (LRURec alone) | best w | validation N@10 at best w | best − w=0 (paired SE) |",
+             "|---|---|---|---|---|---|"]
+    return lines + [f"| {label} | {f['chosen_weight']:g} | {f['ndcg@10_w0']:.4f} | {f['best_weight']:g} | {f['ndcg@10_best']:.4f} | "
+                    f"{f['best_minus_w0']:+.4f} ({f['paired_se_w0_vs_best']:.4f}) |" for label, f in fused.items()]
+
+
+def part_three_times(wall: dict) -> list[str]:
+    """Part 3's stage seconds (its own runs: the rows that reuse part 1's or part 2's models and scores add none)."""
+    keys = [k for k in wall if k.startswith("chosen/")]
+    if not keys:
+        return []
+    lines = ["", "## Part 3's stage times (2 cores; seconds, a resumed stage's attempts added)", "", "| stage | seconds |", "|---|---|"]
+    return lines + [f"| {k} | {wall[k]:.0f} |" for k in keys] + ["", f"Part 3 in all: {sum(wall[k] for k in keys) / 60:.0f} min "
+                                                                       "(LlamaRec-style's and ULMRec's main models were trained in parts 1 and 2)."]
 
 
 def cost_text(r: dict) -> str:

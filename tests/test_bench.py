@@ -78,7 +78,8 @@ def test_beauty_quality_paired_interval_and_table():
                    "a": {"ndcg@10": 0.3, "diff_vs_incumbent": 0.0, "paired_se": 0.0}, "b": {"ndcg@10": 0.35, "diff_vs_incumbent": 0.05, "paired_se": 0.01}}}]}},
                "chosen": {"paper": {"ULMRec": {**row(None, None), "vs_llamarec_equal_rows": None}}}, "pending": ["chosen/paper/llamarec_x4"],
                "contrasts": {"paper": [{"row": "ULMRec", "baseline": "ULMRec, no alignment", "measures": "the alignment tasks", **p}]},
-               "chosen_training": {"llamarec_x4": {"run": "chosen/paper/llamarec_x4", "next_item_rows": 1600, "all_rows": 1600,
+               "wall_s": {"paper/llamarec/train": 1000.0, "chosen/paper/llamarec_x4/train": 150.0, "chosen/paper/llamarec_x4/evaluate": 30.0},
+               "chosen_training": {"llamarec_x4": {"run": "chosen/paper/llamarec_x4", "next_item_rows": 1600, "all_rows": 1600, "steps": 400,
                                                    "options": {"next_item_loss": "lm"}, "options_chosen_on": "llamarec's validation (its part-2 rows; not validated again)"}}}
     table = bq.markdown(summary)
     assert "400 next-item + 120 alignment rows" in table and "total wall time 10 min" in table
@@ -86,9 +87,12 @@ def test_beauty_quality_paired_interval_and_table():
     assert "| LRURec order | 0.4000 | — | — | 3 |" in table and "ties: stable by shown order" in table
     assert "rank N@10 0.4445, overall N@10 0.0585" in table
     assert "| ulmrec_pid | loss | b | 0.3500 | +0.0500 (0.0100) | **yes** |" in table and "| ulmrec_pid | loss | a | 0.3000 |" in table
-    assert "| ULMRec | 0.4000 | 3 | 0.7000 | 0.3000 | 0.4000 | — | +0.0750 [" in table
-    assert "| llamarec_x4 | chosen/paper/llamarec_x4 | 1600 | 1600 | next_item_loss=lm | llamarec's validation (its part-2 rows; not validated again) |" in table
-    assert table.rstrip().endswith("| ULMRec − ULMRec, no alignment | the alignment tasks | +0.0750 [-0.0188, +0.1688] |")
+    assert "| ULMRec | 0.4000 | 3 | 0.7000 | 0.3000 | 0.4000 | — | — | +0.0750 [" in table
+    assert "| llamarec_x4 | chosen/paper/llamarec_x4 | 1600 | 1600 | 400 | next_item_loss=lm | llamarec's validation (its part-2 rows; not validated again) |" in table
+    assert "| ULMRec − ULMRec, no alignment | the alignment tasks | +0.0750 [-0.0188, +0.1688] |\n" in table
+    # part 3's own stage seconds only: part 1's training is not counted again
+    assert "| chosen/paper/llamarec_x4/train | 150 |\n| chosen/paper/llamarec_x4/evaluate | 30 |" in table and "paper/llamarec/train" not in table
+    assert "Part 3 in all: 3 min" in table
     assert "Not finished yet: chosen/paper/llamarec_x4." in table
 
 
@@ -175,7 +179,9 @@ def fake_evaluation(run: Path, seed: int, uid_only: bool = False, scoring: bool 
     test = {"ranker": metric, "fused": metric, "retriever": metric}
     if uid_only:
         test |= {"ranker_uid_only": metric, "ranker_uid_only_swapped_index": {**metric, "users_shown_their_own_index": 0}, "random_order": metric}
-    metrics = {"test": test, "fusion": {"weight": 0.0}}
+    fusion = {"weight": 0.0, "best_weight": 0.1, "validation_ndcg@10_by_weight": {"0.0": 0.4, "0.1": 0.41, "0.2": 0.38},
+              "paired_se_vs_best": {"0.0": 0.02, "0.1": 0.0, "0.2": 0.01}, "chosen_on": "the smallest w within one paired standard error of the best"}
+    metrics = {"test": test, "validation": {"ranker": {"rank": {"ndcg@10": 0.25}}}, "fusion": fusion}
     if scoring:
         metrics["scoring"] = {"eval_permutations": 1, "seconds": {"validation": 5.0, "test": 7.0, "test uid_only": 3.0, "test uid_only_swapped_index": 3.0}}
     r.eval_metrics_file.write_text(json.dumps(metrics))
@@ -218,7 +224,11 @@ def test_beauty_quality_chosen_table_from_finished_runs(monkeypatch, tmp_path):
     assert paper["zero-shot"]["scoring_s"] == {"evaluate stage": 527.0} and paper["ULMRec"]["scoring_s"]["test"] == 7.0
     assert paper[bq.UID_ROWS["uid_only_swapped_index"]]["users_shown_their_own_index"] == 0
     text = "\n".join(bq.chosen_markdown(rows, contrasts, pending, {}))
-    assert "| zero-shot | 0.3000 | 0 | 0.5000 | 0.2000 | 0.0400 | 1 (evaluate stage 527) |" in text
+    assert "| zero-shot | 0.3000 | 0 | 0.5000 | 0.2000 | 0.0400 | 0.2500 | 1 (evaluate stage 527) |" in text
+    assert "| zero-shot + LRURec fused (w=0) | 0.3000 | 0 | 0.5000 | 0.2000 | 0.0400 | 0.4000 | 1 (evaluate stage 527) |" in text
+    # why each fused row has w = 0: the validation grid's figures at w = 0 and at the best w
+    assert "| zero-shot + LRURec fused | 0 | 0.4000 | 0.1 | 0.4100 | +0.0100 (0.0200) |" in text
+    assert paper["ULMRec + LRURec fused"]["fusion_validation"]["ndcg@10_chosen"] == 0.4
     assert f"| {bq.UID_ROWS['uid_only']} − {bq.UID_ROWS['uid_only_swapped_index']} | the user's own index (vs another user's) | " in text
     assert "(0 users shown their own)" in text
 
