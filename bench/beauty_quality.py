@@ -390,11 +390,12 @@ def chosen_rows(protocol: str, chosen: dict) -> tuple[dict, list[str]]:
 
 def fusion_validation(fusion: dict) -> dict:
     """Why a fused row has its weight: validation rank NDCG@10 at w = 0 (LRURec alone), at the chosen w and at the best w."""
-    grid = fusion["validation_ndcg@10_by_weight"]
-    at = lambda w: grid[str(float(w))]  # noqa: E731
-    return {"chosen_weight": fusion["weight"], "best_weight": fusion["best_weight"], "ndcg@10_w0": at(0), "ndcg@10_chosen": at(fusion["weight"]),
-            "ndcg@10_best": at(fusion["best_weight"]), "best_minus_w0": round(at(fusion["best_weight"]) - at(0), 6),
-            "paired_se_w0_vs_best": fusion["paired_se_vs_best"]["0.0"], "rule": fusion["chosen_on"]}
+    # evaluate keys its grid by str(float(w))
+    at = lambda w: fusion["validation_ndcg@10_by_weight"][str(float(w))]  # noqa: E731
+    best = fusion["best_weight"]
+    return {"chosen_weight": fusion["weight"], "best_weight": best, "ndcg@10_w0": at(0), "ndcg@10_chosen": at(fusion["weight"]),
+            "ndcg@10_best": at(best), "best_minus_w0": round(at(best) - at(0), 6),
+            "paired_se_w0_vs_best": fusion["paired_se_vs_best"][str(float(0))], "rule": fusion["chosen_on"]}
 
 
 def scoring_cost(run: Path, metrics: dict) -> dict:
@@ -404,11 +405,10 @@ def scoring_cost(run: Path, metrics: dict) -> dict:
     return {"eval_permutations": 1, "scoring_s": {"evaluate stage": read_wall().get(f"{run.relative_to(RUNS)}/evaluate")}}
 
 
-def chosen_table() -> tuple[dict, dict, list[str]]:
-    """Part 3's rows per protocol with paired CIs against LRURec and LlamaRec-style; its paired contrasts per protocol;
-    the runs not finished yet."""
+def chosen_table(chosen: dict) -> tuple[dict, dict, list[str]]:
+    """Part 3's rows per protocol (`chosen`: part 2's selection) with paired CIs against LRURec and LlamaRec-style; its
+    paired contrasts per protocol; the runs not finished yet."""
     results, contrasts, pending = {}, {}, []
-    chosen = read_selection()
     if not selection_complete(chosen):
         return results, contrasts, ["the selection (part 2)"]
     for protocol in PROTOCOLS:
@@ -477,7 +477,7 @@ def report(args) -> dict:
                             for m, mix in mixtures.items()},
                "paper_metrics": json.loads((DATA / "paper_metrics.json").read_text()), "wall_s": wall, "wall_s_total": round(sum(wall.values()), 1),
                "results": results, "selection": read_selection()}
-    summary["chosen"], summary["contrasts"], summary["pending"] = chosen_table()
+    summary["chosen"], summary["contrasts"], summary["pending"] = chosen_table(summary["selection"])
     summary["chosen_training"] = chosen_training(summary["selection"])
     (ROOT / "bench" / "results" / "beauty_quality.json").write_text(json.dumps(summary, indent=2) + "\n")
     (ROOT / "bench" / "results" / "beauty_quality.md").write_text(markdown(summary))

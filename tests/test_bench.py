@@ -199,7 +199,7 @@ def test_beauty_quality_chosen_table_from_finished_runs(monkeypatch, tmp_path):
     partial = fake_selection()
     del partial["zero_shot"]  # part 2 still running: the report waits for it instead of failing
     bq.SELECTION.write_text(json.dumps(partial))
-    assert bq.chosen_table() == ({}, {}, ["the selection (part 2)"])
+    assert bq.chosen_table(bq.read_selection()) == ({}, {}, ["the selection (part 2)"])
     bq.SELECTION.write_text(json.dumps(fake_selection()))
     bq.WALL.write_text(json.dumps({"paper/zero_shot/evaluate": 527.0}))
     ranks = {}
@@ -209,7 +209,7 @@ def test_beauty_quality_chosen_table_from_finished_runs(monkeypatch, tmp_path):
         root = tmp_path if name in ("zero_shot", "llamarec") else tmp_path / "chosen"  # part 1's runs serve the rows it scored
         ranks[protocol, name] = fake_evaluation(root / protocol / name, i, uid_only=name == "ulmrec_pid", scoring=root != tmp_path)
     ndcg = lambda column: {u: (1 / np.log2(r + 1) if r <= 10 else 0.0) for u, r in enumerate(column)}  # noqa: E731
-    rows, contrasts, pending = bq.chosen_table()
+    rows, contrasts, pending = bq.chosen_table(bq.read_selection())
     assert pending == ["chosen/shuffled/llamarec_x4"]
     paper = rows["paper"]
     assert set(paper) == {"LRURec order", *(f"{label}{fused}" for label in bq.CHOSEN for fused in ("", " + LRURec fused")), *bq.UID_ROWS.values()}
